@@ -1,0 +1,183 @@
+"""ε-truncated HOSVD and batch-mode SVD by mode Gram matrices and ``eigh``.
+
+Every function here is pure and jittable; shapes depend only on static
+capacities. Factors come from the eigenvectors of the mode Gram matrix
+``A_(n) A_(n)ᵀ`` (``I_n × I_n``), or of the dual Gram ``A_(n)ᵀ A_(n)`` when the
+unfolding has fewer columns than rows, which costs far less than an SVD of the
+unfolding (see docs/methods.md). Grams accumulate in float32 (float64 under
+x64) at ``Precision.HIGHEST`` whatever the activation's dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowrank_vjp._src import residuals
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """Accumulation dtype for an activation dtype: at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def mode_gram(x: jax.Array, axis: int, dual: bool = False) -> jax.Array:
+  """Gram matrix of the mode-``axis`` unfolding.
+
+  Args:
+    x: Activation of any shape.
+    axis: The mode.
+    dual: Return ``A_(n)ᵀ A_(n)`` (``M × M``, M the product of the other axes)
+      instead of ``A_(n) A_(n)ᵀ`` (``I_n × I_n``).
+
+  Returns:
+    The Gram matrix in :func:`compute_dtype` of ``x.dtype``.
+  """
+  ct = compute_dtype(x.dtype)
+  others = tuple(a for a in range(x.ndim) if a != axis)
+  if dual:
+    a = jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+    return lax.dot_general(a, a, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+                           preferred_element_type=ct)
+  return lax.dot_general(x, x, ((others, others), ((), ())),
+                         precision=_HIGHEST, preferred_element_type=ct)
+
+
+def eps_rank(eigvals: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """Fewest leading components whose explained variance reaches ``eps``.
+
+  Args:
+    eigvals: ``[I]`` non-negative eigenvalues in descending order.
+    eps: Target fraction in ``(0, 1]``.
+
+  Returns:
+    ``(rank, total)``: the rank (int32, between 1 and ``I``) and the total
+    variance. For ``eps == 1`` the rank is ``I`` (rounding can leave the
+    cumulative ratio a hair under 1). For an all-zero or non-finite
+    activation the rank is 1.
+  """
+  size = eigvals.shape[0]
+  total = jnp.sum(eigvals)
+  if eps >= 1.0:
+    return jnp.asarray(size, jnp.int32), total
+  safe_total = jnp.where(total > 0, total, 1.0)
+  ratio = jnp.cumsum(eigvals) / safe_total
+  rank = 1 + jnp.sum(ratio < eps, dtype=jnp.int32)
+  rank = jnp.where(jnp.isfinite(total) & (total > 0), rank, 1)
+  return jnp.minimum(rank, size).astype(jnp.int32), total
+
+
+def leading_factor(x: jax.Array, axis: int, capacity: int, eps: float):
+  """ε-masked leading left singular vectors of the mode-``axis`` unfolding.
+
+  Args:
+    x: Activation.
+    axis: The mode.
+    capacity: Static number of columns to return.
+    eps: Explained-variance target.
+
+  Returns:
+    ``(factor, needed, kept, energy)``: ``factor`` is ``[I, capacity]`` with
+    the columns beyond ``kept = min(needed, capacity)`` set to zero;
+    ``needed`` is the ε-rank; ``energy`` the explained variance kept.
+  """
+  size = x.shape[axis]
+  other = x.size // max(size, 1)
+  dual = other < size
+  gram = mode_gram(x, axis, dual=dual)
+  gram = 0.5 * (gram + gram.T)
+  eigvals, eigvecs = jnp.linalg.eigh(gram)
+  eigvals = jnp.maximum(eigvals[::-1], 0.0)
+  eigvecs = eigvecs[:, ::-1]
+  if dual:
+    # Left vectors from right ones: u_k = A v_k / σ_k (zero where σ_k = 0).
+    a = jnp.moveaxis(x, axis, 0).reshape(size, other).astype(gram.dtype)
+    sigma = jnp.sqrt(eigvals)
+    scale = jnp.where(sigma > sigma[0] * jnp.finfo(gram.dtype).eps * other,
+                      1.0 / jnp.where(sigma > 0, sigma, 1.0), 0.0)
+    eigvecs = jnp.dot(a, eigvecs, precision=_HIGHEST) * scale
+    pad = size - eigvals.shape[0]
+    eigvals = jnp.pad(eigvals, (0, pad))
+    eigvecs = jnp.pad(eigvecs, ((0, 0), (0, pad)))
+  needed, total = eps_rank(eigvals, eps)
+  kept = jnp.minimum(needed, capacity)
+  mask = jnp.arange(capacity) < kept
+  factor = jnp.where(mask, eigvecs[:, :capacity], 0.0)
+  kept_var = jnp.sum(jnp.where(mask, eigvals[:capacity], 0.0))
+  energy = jnp.where(total > 0, kept_var / jnp.where(total > 0, total, 1.0),
+                     1.0)
+  energy = jnp.where(jnp.isfinite(total), energy, jnp.nan)
+  return factor, needed, kept, energy.astype(jnp.float32)
+
+
+def project(x: jax.Array, factors) -> jax.Array:
+  """Core ``x ×ₐ Uₐᵀ`` over the axes whose factor is not None.
+
+  The most compressing axes are contracted first, which keeps intermediates
+  small.
+
+  Args:
+    x: Activation ``[I_0, …]``.
+    factors: ``[I_a, K_a]`` or None per axis.
+
+  Returns:
+    Core ``[K_0, …]`` in the factors' dtype.
+  """
+  order = sorted((a for a, f in enumerate(factors) if f is not None),
+                 key=lambda a: factors[a].shape[1] / factors[a].shape[0])
+  core = x
+  for axis in order:
+    f = factors[axis]
+    core = jnp.moveaxis(
+        jnp.tensordot(core, f.astype(compute_dtype(x.dtype)),
+                      axes=([axis], [0]), precision=_HIGHEST), -1, axis)
+  return core
+
+
+def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
+  """Compresses ``x`` into a :class:`TuckerResidual` and reports what it kept.
+
+  Args:
+    x: Activation of any shape (float dtype).
+    capacity: Static rank capacity per axis (None = leave uncompressed), as
+      from :meth:`CompressionConfig.capacity`.
+    eps: Explained-variance target per compressed mode.
+    method: Name recorded in the statistics.
+
+  Returns:
+    ``(residual, stats)``: a :class:`residuals.TuckerResidual` whose core is in
+    ``x.dtype`` and a :class:`residuals.CompressionStats`.
+  """
+  x = lax.stop_gradient(x)
+  factors, needed, kept, energy = [], [], [], []
+  for axis, cap in enumerate(capacity):
+    if cap is None:
+      factors.append(None)
+      needed.append(jnp.asarray(x.shape[axis], jnp.int32))
+      kept.append(jnp.asarray(x.shape[axis], jnp.int32))
+      energy.append(jnp.asarray(1.0, jnp.float32))
+      continue
+    f, n, k, e = leading_factor(x, axis, cap, eps)
+    factors.append(f)
+    needed.append(n)
+    kept.append(k)
+    energy.append(e)
+  factors = tuple(factors)
+  core = project(x, factors).astype(x.dtype)
+  residual = residuals.TuckerResidual(core=core, factors=factors)
+  needed = jnp.stack(needed)
+  stats = residuals.CompressionStats(
+      needed_ranks=needed,
+      kept_ranks=jnp.stack(kept),
+      kept_energy=jnp.stack(energy),
+      overflow=jnp.any(needed > jnp.stack(kept)),
+      shape=tuple(x.shape),
+      capacity=tuple(capacity),
+      method=method,
+      itemsize=jnp.dtype(x.dtype).itemsize,
+      residual_nbytes=residual.nbytes,
+  )
+  return residual, stats
