@@ -1,5 +1,7 @@
 """lowrank_vjp: training with compressed activations in JAX."""
 
+from lowrank_vjp import flax as flax
+from lowrank_vjp import measure as measure
 from lowrank_vjp._src.activations import relu as relu
 from lowrank_vjp._src.activations import relu6 as relu6
 from lowrank_vjp._src.compressed import compressed_conv as compressed_conv
@@ -24,6 +26,8 @@ __all__ = (
     "TuckerResidual",
     "compressed_conv",
     "compressed_dense",
+    "flax",
+    "measure",
     "relu",
     "relu6",
 )

@@ -3,8 +3,8 @@
 ``jax.nn.relu``'s gradient rule makes XLA keep the float pre-activation (or a
 byte mask it can fuse back into it) until the backward pass, which keeps a
 compressed convolution's output alive at full size. These versions save one
-bit per element, packed eight to a byte with ``jnp.packbits``; that packing
-survives XLA's fusion (measured, see docs/memory.md).
+bit per element, packed 32 to a ``uint32`` word by a reduction; that packing
+survives XLA's fusion and scheduling (measured, see docs/memory.md).
 """
 
 from __future__ import annotations
@@ -13,13 +13,27 @@ import jax
 import jax.numpy as jnp
 
 
+_WORD = 32
+
+
 def _pack(mask: jax.Array) -> jax.Array:
-  return jnp.packbits(mask.reshape(-1))
+  """Packs a boolean mask into ``uint32`` words, 32 elements per word.
+
+  The words come out of a reduction, the last op before the residual: with
+  ``jnp.packbits`` XLA kept the pre-``convert`` ``uint32`` array (4× the
+  packed bytes) and converted it to ``uint8`` in the backward pass.
+  """
+  flat = mask.reshape(-1)
+  flat = jnp.pad(flat, (0, -flat.size % _WORD))
+  bits = flat.reshape(-1, _WORD).astype(jnp.uint32)
+  shifts = jnp.arange(_WORD, dtype=jnp.uint32)
+  return jnp.sum(bits << shifts, axis=1, dtype=jnp.uint32)
 
 
 def _unpack(packed: jax.Array, like: jax.Array) -> jax.Array:
-  bits = jnp.unpackbits(packed, count=like.size)
-  return bits.reshape(like.shape).astype(bool)
+  shifts = jnp.arange(_WORD, dtype=jnp.uint32)
+  bits = (packed[:, None] >> shifts) & jnp.uint32(1)
+  return bits.reshape(-1)[:like.size].reshape(like.shape).astype(bool)
 
 
 @jax.custom_vjp
@@ -32,7 +46,7 @@ def relu(x: jax.typing.ArrayLike) -> jax.Array:
   Returns:
     ``max(x, 0)``, same shape and dtype. The gradient is ``g · [x > 0]``
     (0 at ``x = 0``, as ``jax.nn.relu``); the residual is
-    ``ceil(x.size / 8)`` bytes.
+    ``4 · ceil(x.size / 32)`` bytes.
 
   Example::
 
@@ -61,7 +75,7 @@ def relu6(x: jax.typing.ArrayLike) -> jax.Array:
 
   Returns:
     ``clip(x, 0, 6)``. The gradient is ``g · [0 < x < 6]`` (as
-    ``jax.nn.relu6``); the residual is ``ceil(x.size / 8)`` bytes.
+    ``jax.nn.relu6``); the residual is ``4 · ceil(x.size / 32)`` bytes.
   """
   return jnp.clip(x, 0, 6)
 

@@ -114,13 +114,15 @@ def _bilinear(fn, lhs, rhs, res):
 
 
 def _bilinear_fwd(fn, lhs, rhs, res):
-  return fn(lhs, rhs), (res, rhs, jnp.zeros((), lhs.dtype))
+  y = residuals.tie(fn(lhs, rhs), res)
+  return y, (res, rhs, jnp.zeros((), lhs.dtype))
 
 
 def _bilinear_bwd(fn, saved, g):
   res, rhs, lhs_dtype_probe = saved
   lhs_aval = jax.ShapeDtypeStruct(res.shape, lhs_dtype_probe.dtype)
   (dlhs,) = jax.linear_transpose(lambda l: fn(l, rhs), lhs_aval)(g)
+  res = residuals.TuckerResidual(residuals.after(res.core, g), res.factors)
   lhs = res.reconstruct(dtype=lhs_dtype_probe.dtype)
   rhs_aval = jax.ShapeDtypeStruct(rhs.shape, rhs.dtype)
   (drhs,) = jax.linear_transpose(lambda r: fn(lhs, r), rhs_aval)(g)

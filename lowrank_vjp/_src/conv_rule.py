@@ -8,9 +8,10 @@ backward pass is the weight ``rhs`` and a :class:`TuckerResidual` of the input
   only ``rhs``);
 * ``d rhs``: the weight gradient of the convolution evaluated at the
   compressed input, computed from the core and factors without rebuilding the
-  input at full size (:func:`weight_grad_tucker`), or by a convolution on the
-  batch-reduced core when spatial axes are uncompressed
-  (:func:`weight_grad_conv`).
+  input at full size: either entirely by einsums in the Tucker rank space
+  (:func:`weight_grad_tucker`) or as a convolution over the batch and channel
+  rank spaces (:func:`weight_grad_conv`), whichever has the smaller largest
+  intermediate for the layer's static shapes.
 
 :func:`weight_grad_reference` rebuilds the input and calls JAX's own VJP; the
 tests compare the fast paths against it.
@@ -18,7 +19,9 @@ tests compare the fast paths against it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import string
 
 import jax
@@ -36,6 +39,7 @@ TuckerResidual = residuals.TuckerResidual
 def input_grad(spec: ConvSpec, rhs: jax.Array, g: jax.Array) -> jax.Array:
   """Exact ``d lhs``: the transpose of the convolution in ``lhs``."""
   lhs_aval = jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype)
+  rhs = residuals.after(rhs, g)  # flip the kernel in the backward pass
   g = g.astype(_out_dtype(spec))
   (dlhs,) = jax.linear_transpose(lambda l: spec.apply(l, rhs), lhs_aval)(g)
   return dlhs
@@ -63,6 +67,7 @@ def _conv_weight_transpose(spec: ConvSpec, lhs: jax.Array,
 def weight_grad_reference(spec: ConvSpec, res: TuckerResidual,
                           g: jax.Array) -> jax.Array:
   """``d rhs`` from the activation rebuilt at full size (reference path)."""
+  res = TuckerResidual(residuals.after(res.core, g), res.factors)
   lhs = res.reconstruct(dtype=spec.lhs_dtype)
   return _conv_weight_transpose(spec, lhs, g)
 
@@ -78,21 +83,57 @@ def _contract_batch(spec: ConvSpec, res: TuckerResidual, g: jax.Array):
   return jnp.moveaxis(g, -1, ob)
 
 
+def _rank_space_layout(spec: ConvSpec, res: TuckerResidual):
+  """Which factors :func:`weight_grad_conv` expands, and the shapes it uses.
+
+  The batch factor is folded into ``g``; the channel factor stays in rank
+  space (expanded on the small ``dW`` afterwards) unless the convolution is
+  grouped, whose groups need the real channels; spatial factors are expanded.
+
+  Returns:
+    ``(expand, keep_channel_rank, lhs_shape)``: per-axis factors to expand,
+    whether the channel axis stays in rank space, and the shape of the
+    partially rebuilt input.
+  """
+  dn = spec.dimension_numbers
+  batch, channel = dn.lhs_spec[0], dn.lhs_spec[1]
+  keep_channel_rank = (res.factors[channel] is not None
+                       and spec.feature_group_count == 1)
+  expand = tuple(None if a == batch or (a == channel and keep_channel_rank)
+                 else f for a, f in enumerate(res.factors))
+  shape = tuple(c if f is None else f.shape[0]
+                for c, f in zip(res.core.shape, expand))
+  return expand, keep_channel_rank, shape
+
+
 def weight_grad_conv(spec: ConvSpec, res: TuckerResidual,
                      g: jax.Array) -> jax.Array:
-  """``d rhs`` as a convolution whose batch is the batch rank ``K_B``.
+  """``d rhs`` as a convolution over the batch and channel rank spaces.
 
-  Every non-batch factor is expanded first (at size ``K_B × C × spatial``),
-  then the weight gradient is a convolution of that with ``g ×_B U_Bᵀ``. This
-  is the batch-mode SVD's backward; for HOSVD :func:`weight_grad_tucker` is
-  cheaper.
+  The spatial factors are expanded (an input of ``K_B × K_C × spatial``),
+  the weight gradient of the convolution is taken against ``g ×_B U_Bᵀ`` with
+  ``K_C`` input channels, and the channel factor expands that small gradient
+  to ``C`` channels. Grouped convolutions expand the channels first. This is
+  the batch-mode SVD's backward, and HOSVD's when it is smaller than
+  :func:`weight_grad_tucker`'s (:func:`weight_grad` chooses).
   """
-  factors = list(res.factors)
-  factors[spec.batch_axis] = None
-  lhs = TuckerResidual(res.core, tuple(factors)).reconstruct(
-      dtype=jnp.promote_types(res.core.dtype, spec.lhs_dtype))
+  dn = spec.dimension_numbers
+  expand, keep_channel_rank, _ = _rank_space_layout(spec, res)
+  core = residuals.after(res.core, g)  # rebuild in the backward pass only
+  lhs = TuckerResidual(core, expand).reconstruct(dtype=spec.lhs_dtype)
   g = _contract_batch(spec, res, g)
-  return _conv_weight_transpose(spec, lhs.astype(spec.lhs_dtype), g)
+  if not keep_channel_rank:
+    return _conv_weight_transpose(spec, lhs, g)
+  u_c = res.factors[dn.lhs_spec[1]]
+  in_axis = dn.rhs_spec[1]
+  rhs_shape = list(spec.rhs_shape)
+  rhs_shape[in_axis] = u_c.shape[1]
+  reduced = dataclasses.replace(spec, lhs_shape=tuple(lhs.shape),
+                                rhs_shape=tuple(rhs_shape))
+  dw = _conv_weight_transpose(reduced, lhs, g)
+  dw = jnp.tensordot(dw.astype(u_c.dtype), u_c, axes=([in_axis], [1]),
+                     precision=spec.precision)
+  return jnp.moveaxis(dw, -1, in_axis).astype(spec.rhs_dtype)
 
 
 def spatial_tap_factor(u: jax.Array, size: int, out_size: int, kernel: int,
@@ -185,13 +226,39 @@ def weight_grad_tucker(spec: ConvSpec, res: TuckerResidual,
   return dw.astype(spec.rhs_dtype)
 
 
+def _tucker_path_elements(spec: ConvSpec, res: TuckerResidual) -> int:
+  """Largest intermediate of :func:`weight_grad_tucker`, in elements."""
+  dn = spec.dimension_numbers
+  k_b = res.core.shape[dn.lhs_spec[0]]
+  out_ch = spec.rhs_shape[dn.rhs_spec[0]]
+  out_shape = jax.eval_shape(
+      lambda l, r: spec.apply(l, r, out_sharding=None),
+      jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype),
+      jax.ShapeDtypeStruct(spec.rhs_shape, spec.rhs_dtype)).shape
+  sizes = [k_b * out_ch * math.prod(out_shape[a] for a in dn.out_spec[2:])]
+  current = sizes[0]
+  for d in range(spec.num_spatial):
+    out_d = out_shape[dn.out_spec[2 + d]]
+    taps = spec.rhs_shape[dn.rhs_spec[2 + d]] * res.core.shape[
+        dn.lhs_spec[2 + d]]
+    current = current // out_d * taps
+    sizes.append(current)
+  return max(sizes)
+
+
+def _conv_path_elements(spec: ConvSpec, res: TuckerResidual) -> int:
+  """Largest intermediate of :func:`weight_grad_conv`, in elements."""
+  return math.prod(_rank_space_layout(spec, res)[2])
+
+
 def weight_grad(spec: ConvSpec, res: TuckerResidual,
                 g: jax.Array) -> jax.Array:
-  """Chooses the cheapest exact-for-the-residual path for ``d rhs``."""
+  """``d rhs`` by the path with the smaller intermediate (static choice)."""
   if spec.batch_group_count != 1:
     return weight_grad_reference(spec, res, g)
   spatial = spec.dimension_numbers.lhs_spec[2:]
-  if all(res.factors[a] is not None for a in spatial):
+  if (all(res.factors[a] is not None for a in spatial)
+      and _tucker_path_elements(spec, res) <= _conv_path_elements(spec, res)):
     return weight_grad_tucker(spec, res, g)
   return weight_grad_conv(spec, res, g)
 
@@ -215,7 +282,8 @@ def conv(spec: ConvSpec, lhs: jax.Array, rhs: jax.Array,
 
 
 def _conv_fwd(spec, lhs, rhs, res):
-  return spec.apply(lhs, rhs), (res, rhs)
+  y = residuals.tie(spec.apply(lhs, rhs), res)
+  return y, (res, rhs)
 
 
 def _conv_bwd(spec, saved, g):

@@ -10,6 +10,9 @@ x64) at ``Precision.HIGHEST`` whatever the activation's dtype.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -24,8 +27,20 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _split(shape, axis):
+  """``(P, I, Q)``: sizes before, at and after ``axis``."""
+  return (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
+
+
 def mode_gram(x: jax.Array, axis: int, dual: bool = False) -> jax.Array:
   """Gram matrix of the mode-``axis`` unfolding.
+
+  The contraction is laid out so that XLA needs no transposed copy of ``x``
+  (seen costing one activation-sized buffer per mode otherwise): ``x`` is
+  viewed as ``[P, I, Q]`` (sizes before, at and after ``axis``) and the Gram
+  is a plain matrix product for the first and last axes, and a batched one
+  summed over ``P`` for middle axes when that intermediate (``P·I²``) is no
+  larger than ``x``.
 
   Args:
     x: Activation of any shape.
@@ -37,13 +52,23 @@ def mode_gram(x: jax.Array, axis: int, dual: bool = False) -> jax.Array:
     The Gram matrix in :func:`compute_dtype` of ``x.dtype``.
   """
   ct = compute_dtype(x.dtype)
-  others = tuple(a for a in range(x.ndim) if a != axis)
+  dot = functools.partial(lax.dot_general, precision=_HIGHEST,
+                          preferred_element_type=ct)
+  p, i, q = _split(x.shape, axis)
   if dual:
-    a = jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-    return lax.dot_general(a, a, (((0,), (0,)), ((), ())), precision=_HIGHEST,
-                           preferred_element_type=ct)
-  return lax.dot_general(x, x, ((others, others), ((), ())),
-                         precision=_HIGHEST, preferred_element_type=ct)
+    a = jnp.moveaxis(x, axis, 0).reshape(i, p * q)
+    return dot(a, a, (((0,), (0,)), ((), ())))
+  if p == 1:
+    a = x.reshape(i, q)
+    return dot(a, a, (((1,), (1,)), ((), ())))
+  if q == 1:
+    a = x.reshape(p, i)
+    return dot(a, a, (((0,), (0,)), ((), ())))
+  if i <= q:
+    a = x.reshape(p, i, q)
+    return jnp.sum(dot(a, a, (((2,), (2,)), ((0,), (0,)))), axis=0)
+  a = x.reshape(p, i, q)
+  return dot(a, a, (((0, 2), (0, 2)), ((), ())))
 
 
 def eps_rank(eigvals: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -103,6 +128,9 @@ def leading_factor(x: jax.Array, axis: int, capacity: int, eps: float):
     eigvals = jnp.pad(eigvals, (0, pad))
     eigvecs = jnp.pad(eigvecs, ((0, 0), (0, pad)))
   needed, total = eps_rank(eigvals, eps)
+  # The unfolding has rank <= min(size, other); eps = 1 would otherwise ask
+  # for `size` components of a dual Gram and flag a false overflow.
+  needed = jnp.minimum(needed, min(size, other)).astype(jnp.int32)
   kept = jnp.minimum(needed, capacity)
   mask = jnp.arange(capacity) < kept
   factor = jnp.where(mask, eigvecs[:, :capacity], 0.0)
@@ -113,11 +141,28 @@ def leading_factor(x: jax.Array, axis: int, capacity: int, eps: float):
   return factor, needed, kept, energy.astype(jnp.float32)
 
 
+def _mode_product(x: jax.Array, axis: int, factor: jax.Array) -> jax.Array:
+  """``x ×_axis factorᵀ``: axis ``axis`` of size I becomes size K."""
+  p, i, q = _split(x.shape, axis)
+  k = factor.shape[1]
+  out_shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+  dot = functools.partial(lax.dot_general, precision=_HIGHEST)
+  if q == 1:    # [P, I] @ [I, K]: a plain matrix product, no transpose.
+    return dot(x.reshape(p, i), factor, (((1,), (0,)), ((), ()))).reshape(
+        out_shape)
+  if p == 1:    # [K, I] @ [I, Q].
+    return dot(factor, x.reshape(i, q), (((0,), (0,)), ((), ()))).reshape(
+        out_shape)
+  y = dot(x.reshape(p, i, q), factor, (((1,), (0,)), ((), ())))  # [P, Q, K]
+  return jnp.swapaxes(y, 1, 2).reshape(out_shape)
+
+
 def project(x: jax.Array, factors) -> jax.Array:
   """Core ``x ×ₐ Uₐᵀ`` over the axes whose factor is not None.
 
-  The most compressing axes are contracted first, which keeps intermediates
-  small.
+  The last axis goes first and the first axis second: both are plain matrix
+  products that need no transposed copy of the full ``x``; the middle axes
+  follow on the already reduced tensor.
 
   Args:
     x: Activation ``[I_0, …]``.
@@ -126,14 +171,13 @@ def project(x: jax.Array, factors) -> jax.Array:
   Returns:
     Core ``[K_0, …]`` in the factors' dtype.
   """
-  order = sorted((a for a, f in enumerate(factors) if f is not None),
-                 key=lambda a: factors[a].shape[1] / factors[a].shape[0])
-  core = x
+  ct = compute_dtype(x.dtype)
+  n = x.ndim
+  order = [n - 1, 0] + list(range(1, n - 1)) if n > 1 else [0]
+  core = x.astype(ct)
   for axis in order:
-    f = factors[axis]
-    core = jnp.moveaxis(
-        jnp.tensordot(core, f.astype(compute_dtype(x.dtype)),
-                      axes=([axis], [0]), precision=_HIGHEST), -1, axis)
+    if factors[axis] is not None:
+      core = _mode_product(core, axis, factors[axis].astype(ct))
   return core
 
 

@@ -99,6 +99,7 @@ def input_grad(spec: DotSpec, rhs, g):
 
 def weight_grad_reference(spec: DotSpec, res: TuckerResidual, g):
   """``d rhs`` from the activation rebuilt at full size (reference path)."""
+  res = TuckerResidual(residuals.after(res.core, g), res.factors)
   lhs = res.reconstruct(dtype=spec.lhs_dtype)
   aval = jax.ShapeDtypeStruct(spec.rhs_shape, spec.rhs_dtype)
   out = jax.eval_shape(lambda r: spec.apply(lhs, r, out_sharding=None), aval)
@@ -161,7 +162,7 @@ def dot(spec: DotSpec, lhs, rhs, res: TuckerResidual) -> jax.Array:
 
 
 def _dot_fwd(spec, lhs, rhs, res):
-  return spec.apply(lhs, rhs), (res, rhs)
+  return residuals.tie(spec.apply(lhs, rhs), res), (res, rhs)
 
 
 def _dot_bwd(spec, saved, g):

@@ -1,0 +1,323 @@
+"""Flax adapters: compressed convolutions and dense layers in Linen and NNX.
+
+Linen's ``nn.Conv`` and ``nn.Dense`` build their contraction from a Module
+class (``conv_general_dilated_cls`` / ``dot_general_cls``), instantiated with
+no arguments inside the layer and called like the ``lax`` function. The two
+Modules here do that, run the compressed drop-in and ``sow`` its
+:class:`CompressionStats` into a collection (``"compression"`` by default),
+which the caller reads back with ``mutable=["compression"]``::
+
+  conv = nn.Conv(32, (3, 3), conv_general_dilated_cls=lvf.conv_cls(eps=0.9))
+
+NNX layers take the function itself, so the drop-ins plug in directly and
+need no adapter (the Linen classes here cannot be NNX ``*_cls`` arguments)::
+
+  conv = nnx.Conv(3, 32, (3, 3), conv_general_dilated=lv.compressed_conv(),
+                  rngs=nnx.Rngs(0))
+  dense = nnx.Linear(32, 10, dot_general=lv.compressed_dense(),
+                     rngs=nnx.Rngs(0))
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import tracers as flax_tracers
+
+from lowrank_vjp._src import compressed, residuals
+from lowrank_vjp._src import config as config_lib
+
+CompressionConfig = config_lib.CompressionConfig
+CompressionStats = residuals.CompressionStats
+
+COLLECTION = "compression"
+"""Default name of the Linen collection the adapters sow their stats into."""
+
+_STATS = "stats"
+
+
+def _sow_stats(module: nn.Module, stats: CompressionStats) -> None:
+  """Sows ``stats`` unless the call runs inside a JAX transform of its own.
+
+  Linen's ``ConvLocal`` calls the convolution inside ``jax.eval_shape`` only
+  to infer a shape; sowing there would store leaked tracers. Such a call
+  traces at a different level than the module's scope, so it is skipped.
+  """
+  try:
+    inner = flax_tracers.current_trace() != module.scope.trace_level
+  except Exception:  # pylint: disable=broad-except  # Flax internals moved.
+    inner = False
+  if not inner:
+    module.sow(module.collection, _STATS, stats)
+
+
+class CompressedConvGeneralDilated(nn.Module):
+  """``lax.conv_general_dilated`` as a Linen Module that saves compressed input.
+
+  Pass it (usually through :func:`conv_cls`) as ``conv_general_dilated_cls``
+  of ``nn.Conv``. Each call runs :class:`lowrank_vjp.CompressedConv` and sows
+  its :class:`CompressionStats` into ``collection`` under ``"stats"`` (a
+  tuple, one entry per call); the sow is a no-op unless ``collection`` is
+  mutable, and is skipped when the call runs inside a raw JAX transform
+  opened within the model (``nn.ConvLocal`` runs it under
+  ``jax.eval_shape`` only to infer a shape). The module has no parameters.
+
+  Attributes:
+    config: The compression settings.
+    collection: Linen collection the stats are sown into.
+
+  Example::
+
+    import flax.linen as nn
+    import jax, jax.numpy as jnp
+    import lowrank_vjp.flax as lvf
+
+    conv = nn.Conv(8, (3, 3), conv_general_dilated_cls=lvf.conv_cls(
+        method="hosvd", eps=0.9, on_overflow="ignore"))
+    x = jnp.ones((2, 16, 16, 3))
+    params = conv.init(jax.random.key(0), x)["params"]
+    y, state = conv.apply({"params": params}, x, mutable=["compression"])
+    stats = lvf.collect_stats(state)   # {"": CompressionStats(...)}
+  """
+
+  config: CompressionConfig = CompressionConfig()
+  collection: str = COLLECTION
+
+  def __call__(self, lhs: jax.typing.ArrayLike, rhs: jax.typing.ArrayLike,
+               window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count: int = 1,
+               batch_group_count: int = 1, precision=None,
+               preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """Same arguments as ``lax.conv_general_dilated``; returns its output.
+
+    Args:
+      lhs: The activation, e.g. ``[N, H, W, C]`` for Linen's layout.
+      rhs: The kernel, e.g. ``[KH, KW, C / groups, O]``.
+      window_strides: As ``lax.conv_general_dilated``.
+      padding: As ``lax.conv_general_dilated``.
+      lhs_dilation: As ``lax.conv_general_dilated``.
+      rhs_dilation: As ``lax.conv_general_dilated``.
+      dimension_numbers: As ``lax.conv_general_dilated``.
+      feature_group_count: As ``lax.conv_general_dilated``.
+      batch_group_count: As ``lax.conv_general_dilated``.
+      precision: As ``lax.conv_general_dilated``.
+      preferred_element_type: As ``lax.conv_general_dilated``.
+      out_sharding: As ``lax.conv_general_dilated``.
+
+    Returns:
+      The exact convolution output, e.g. ``[N, H', W', O]``.
+    """
+    y, stats = compressed.CompressedConv(self.config).with_stats(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count, precision,
+        preferred_element_type, out_sharding)
+    _sow_stats(self, stats)
+    return y
+
+
+class CompressedDotGeneral(nn.Module):
+  """``lax.dot_general`` as a Linen Module that saves a compressed ``lhs``.
+
+  Pass it (usually through :func:`dense_cls`) as ``dot_general_cls`` of
+  ``nn.Dense`` or ``nn.DenseGeneral``. ``lhs`` is the activation (batch
+  first), ``rhs`` the kernel. Each call runs
+  :class:`lowrank_vjp.CompressedDense` and sows its :class:`CompressionStats`
+  into ``collection`` under ``"stats"``.
+
+  Attributes:
+    config: The compression settings.
+    collection: Linen collection the stats are sown into.
+
+  Example::
+
+    import flax.linen as nn
+    import jax, jax.numpy as jnp
+    import lowrank_vjp.flax as lvf
+
+    dense = nn.Dense(4, dot_general_cls=lvf.dense_cls(eps=1.0))
+    x = jnp.ones((8, 16))                      # [N, F]
+    params = dense.init(jax.random.key(0), x)["params"]
+    y, state = dense.apply({"params": params}, x, mutable=["compression"])
+    lvf.collect_stats(state)[""].capacity      # (8, 8): rank <= min(8, 16)
+  """
+
+  config: CompressionConfig = CompressionConfig()
+  collection: str = COLLECTION
+
+  def __call__(self, lhs: jax.typing.ArrayLike, rhs: jax.typing.ArrayLike,
+               dimension_numbers, precision=None, preferred_element_type=None,
+               *, out_sharding=None) -> jax.Array:
+    """Same arguments as ``lax.dot_general``; returns its output.
+
+    Args:
+      lhs: The activation, ``[N, F]``, ``[N, T, F]``, ….
+      rhs: The kernel, e.g. ``[F, O]``.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting),
+        (lhs_batch, rhs_batch))``.
+      precision: As ``lax.dot_general``.
+      preferred_element_type: As ``lax.dot_general``.
+      out_sharding: As ``lax.dot_general``.
+
+    Returns:
+      The exact ``lax.dot_general`` output, e.g. ``[N, O]``.
+    """
+    y, stats = compressed.CompressedDense(self.config).with_stats(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type,
+        out_sharding=out_sharding)
+    _sow_stats(self, stats)
+    return y
+
+
+def conv_cls(**settings: Any) -> functools.partial:
+  """A ``conv_general_dilated_cls`` for ``nn.Conv`` with these settings.
+
+  Args:
+    **settings: Fields of :class:`lowrank_vjp.CompressionConfig`
+      (``method``, ``eps``, ``ranks``, ``rank_fraction``, ``on_overflow``),
+      plus optionally ``collection`` (default ``"compression"``).
+
+  Returns:
+    ``functools.partial(CompressedConvGeneralDilated, config=...)``, which
+    ``nn.Conv`` instantiates with no arguments.
+
+  Raises:
+    ValueError: for settings :class:`CompressionConfig` rejects.
+    TypeError: for unknown settings.
+
+  Example::
+
+    import flax.linen as nn
+    import lowrank_vjp.flax as lvf
+
+    conv = nn.Conv(32, (3, 3), conv_general_dilated_cls=lvf.conv_cls(
+        method="hosvd", eps=0.9))
+  """
+  return _partial(CompressedConvGeneralDilated, settings)
+
+
+def dense_cls(**settings: Any) -> functools.partial:
+  """A ``dot_general_cls`` for ``nn.Dense`` / ``nn.DenseGeneral``.
+
+  Args:
+    **settings: As :func:`conv_cls`.
+
+  Returns:
+    ``functools.partial(CompressedDotGeneral, config=...)``.
+
+  Raises:
+    ValueError: for settings :class:`CompressionConfig` rejects.
+    TypeError: for unknown settings.
+
+  Example::
+
+    import flax.linen as nn
+    import lowrank_vjp.flax as lvf
+
+    dense = nn.Dense(10, dot_general_cls=lvf.dense_cls(method="svd", eps=0.8))
+  """
+  return _partial(CompressedDotGeneral, settings)
+
+
+def _partial(module_cls, settings):
+  settings = dict(settings)
+  collection = settings.pop("collection", COLLECTION)
+  return functools.partial(module_cls, config=CompressionConfig(**settings),
+                           collection=collection)
+
+
+_ADAPTER_NAME = re.compile(
+    rf"^(?:{CompressedConvGeneralDilated.__name__}|"
+    rf"{CompressedDotGeneral.__name__})_\d+$")
+
+
+def _value(x):
+  """Unwraps an NNX Variable (or anything with ``get_value``)."""
+  get = getattr(x, "get_value", None)
+  return get() if callable(get) else x
+
+
+def _find(tree, path, out):
+  tree = _value(tree)
+  if not isinstance(tree, Mapping):
+    return
+  for key, sub in tree.items():
+    sub = _value(sub)
+    if key == _STATS and not isinstance(sub, Mapping):
+      out.append((path, sub))
+    else:
+      _find(sub, path + (str(key),), out)
+
+
+def collect_stats(variables_or_state: Mapping[str, Any],
+                  collection: str = COLLECTION
+                  ) -> dict[str, CompressionStats]:
+  """Flattens a sown ``"compression"`` collection into ``{path: stats}``.
+
+  Keys are module paths joined by ``"/"``. The adapter's own auto-generated
+  name is dropped when it is the only adapter under its layer, so
+  ``nn.Conv(name="conv1")`` reports under ``"conv1"`` rather than
+  ``"conv1/CompressedConvGeneralDilated_0"``. A layer called several times in
+  one ``apply`` sows several stats; when they agree in their static fields
+  (shape, capacity, …) they are stacked along a new leading axis, otherwise
+  they are reported as ``"path#0"``, ``"path#1"``, ….
+
+  Args:
+    variables_or_state: What ``apply(..., mutable=["compression"])``
+      returned as its second output, a full variables dict, or the
+      collection itself (a nested mapping whose leaves are ``"stats"``
+      tuples).
+    collection: The collection name the adapters sowed into.
+
+  Returns:
+    ``{"path/to/layer": CompressionStats}``, sorted by path; empty when
+    nothing was sown.
+
+  Example::
+
+    import flax.linen as nn
+    import jax, jax.numpy as jnp
+    import lowrank_vjp.flax as lvf
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = nn.Conv(8, (3, 3), name="conv",
+                    conv_general_dilated_cls=lvf.conv_cls(eps=1.0))(x)
+        return nn.Dense(2, name="head",
+                        dot_general_cls=lvf.dense_cls(eps=1.0))(x.mean((1, 2)))
+
+    x = jnp.ones((2, 8, 8, 3))
+    params = Net().init(jax.random.key(0), x)["params"]
+    _, state = Net().apply({"params": params}, x, mutable=["compression"])
+    sorted(lvf.collect_stats(state))    # ["conv", "head"]
+  """
+  tree = _value(variables_or_state)
+  if isinstance(tree, Mapping) and collection in tree:
+    tree = tree[collection]
+  found: list[tuple[tuple[str, ...], Any]] = []
+  _find(tree, (), found)
+  per_parent: dict[tuple[str, ...], int] = {}
+  for path, _ in found:
+    per_parent[path[:-1]] = per_parent.get(path[:-1], 0) + 1
+  out: dict[str, CompressionStats] = {}
+  for path, sown in found:
+    if path and _ADAPTER_NAME.match(path[-1]) and per_parent[path[:-1]] == 1:
+      path = path[:-1]
+    key = "/".join(path)
+    entries = list(sown) if isinstance(sown, (tuple, list)) else [sown]
+    if len(entries) == 1:
+      out[key] = entries[0]
+      continue
+    structures = {jax.tree_util.tree_structure(e) for e in entries}
+    if len(structures) == 1:
+      out[key] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *entries)
+    else:
+      for i, entry in enumerate(entries):
+        out[f"{key}#{i}"] = entry
+  return dict(sorted(out.items()))

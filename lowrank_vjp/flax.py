@@ -1,0 +1,23 @@
+"""Flax integration: Linen adapters for compressed convolutions and denses."""
+
+from __future__ import annotations
+
+from lowrank_vjp._src.flax_adapters import COLLECTION as COLLECTION
+from lowrank_vjp._src.flax_adapters import (
+    CompressedConvGeneralDilated as CompressedConvGeneralDilated,
+)
+from lowrank_vjp._src.flax_adapters import (
+    CompressedDotGeneral as CompressedDotGeneral,
+)
+from lowrank_vjp._src.flax_adapters import collect_stats as collect_stats
+from lowrank_vjp._src.flax_adapters import conv_cls as conv_cls
+from lowrank_vjp._src.flax_adapters import dense_cls as dense_cls
+
+__all__ = (
+    "COLLECTION",
+    "CompressedConvGeneralDilated",
+    "CompressedDotGeneral",
+    "collect_stats",
+    "conv_cls",
+    "dense_cls",
+)

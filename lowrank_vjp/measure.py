@@ -1,0 +1,19 @@
+"""Memory measurement: XLA's whole-step figures and per-layer tables."""
+
+from lowrank_vjp._src.measure import format_table as format_table
+from lowrank_vjp._src.measure import layer_table as layer_table
+from lowrank_vjp._src.measure import LayerMemory as LayerMemory
+from lowrank_vjp._src.measure import temp_bytes_per_layer as temp_bytes_per_layer
+from lowrank_vjp._src.measure import vjp_residual_bytes as vjp_residual_bytes
+from lowrank_vjp._src.measure import xla_memory as xla_memory
+from lowrank_vjp._src.measure import XlaMemory as XlaMemory
+
+__all__ = (
+    "LayerMemory",
+    "XlaMemory",
+    "format_table",
+    "layer_table",
+    "temp_bytes_per_layer",
+    "vjp_residual_bytes",
+    "xla_memory",
+)

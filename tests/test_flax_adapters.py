@@ -1,0 +1,430 @@
+"""Tests for lowrank_vjp.flax (Linen adapters) and the drop-ins in NNX."""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lowrank_vjp as lv
+import lowrank_vjp.flax as lvf
+
+FULL = dict(method="hosvd", eps=1.0)
+LOSSY = dict(method="hosvd", eps=0.5, rank_fraction=0.5, on_overflow="ignore")
+LOSSY_SVD = dict(method="svd", eps=0.5, rank_fraction=0.5, on_overflow="ignore")
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _assert_trees_close(a, b, tol=2e-5):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    assert x.shape == y.shape
+    assert _rel_err(x, y) <= tol, _rel_err(x, y)
+
+
+def _normal(shape, seed):
+  # NumPy keeps the tests free of per-shape compilations of jax.random.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
+
+
+def _cotangent(shape, seed=7):
+  return _normal(shape, seed)
+
+
+def _init_params(layer, x, seed=1):
+  """Random parameters of the right shapes, without compiling ``init``."""
+  shapes = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+  leaves, treedef = jax.tree.flatten(shapes)
+  return jax.tree.unflatten(treedef, [
+      0.3 * _normal(leaf.shape, seed + i) for i, leaf in enumerate(leaves)])
+
+
+def _linen_run(layer, params, x, g):
+  """Jitted ``(y, sown state, (d params, d x))`` of ``<layer(x), g>``."""
+
+  def loss(p, x):
+    y, state = layer.apply({"params": p}, x, mutable=["compression"])
+    return jnp.sum(y * g), (y, state)
+
+  (_, (y, state)), grads = jax.jit(
+      jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  return y, state, grads
+
+
+def _check_stats(stats, x_shape, settings):
+  config = lv.CompressionConfig(**settings)
+  capacity = config.capacity(x_shape, batch_axis=0)
+  n = len(x_shape)
+  assert isinstance(stats, lv.CompressionStats)
+  assert stats.shape == tuple(x_shape)
+  assert stats.capacity == capacity
+  assert stats.needed_ranks.shape == (n,)
+  assert stats.kept_ranks.shape == (n,)
+  assert stats.kept_energy.shape == (n,)
+  assert stats.overflow.shape == ()
+  kept = np.asarray(stats.kept_ranks)
+  bound = [i if k is None else k
+           for i, k in zip(x_shape, capacity, strict=True)]
+  assert np.all(kept >= 1) and np.all(kept <= np.asarray(bound))
+  core = math.prod(bound) * 4
+  factors = sum(i * k for i, k in zip(x_shape, capacity, strict=True) if k) * 4
+  assert stats.residual_nbytes == core + factors
+  if settings["eps"] == 1.0:
+    assert not bool(stats.overflow)
+    np.testing.assert_allclose(stats.kept_energy, 1.0, rtol=1e-5)
+
+
+# ------------------------------------------------------------- linen conv ---
+
+CONV_CASES = {
+    "nhwc_same": (dict(features=6, kernel_size=(3, 3)), (2, 6, 6, 4)),
+    "strided_valid": (dict(features=5, kernel_size=(3, 3), strides=(2, 2),
+                           padding="VALID"), (2, 7, 7, 3)),
+    "explicit_pad_dilated": (dict(features=4, kernel_size=(2, 3),
+                                  padding=((1, 2), (0, 1)),
+                                  kernel_dilation=(1, 2)), (3, 6, 5, 2)),
+    "groups": (dict(features=6, kernel_size=(3, 3), feature_group_count=2),
+               (2, 5, 5, 4)),
+    "conv1d": (dict(features=3, kernel_size=(3,), strides=(2,)), (4, 9, 2)),
+}
+
+
+def _linen_conv_setup(case, settings):
+  kwargs, x_shape = CONV_CASES[case]
+  plain = nn.Conv(**kwargs)
+  comp = nn.Conv(**kwargs, conv_general_dilated_cls=lvf.conv_cls(**settings))
+  x = _normal(x_shape, 0)
+  params = _init_params(plain, x)
+  return plain, comp, params, x
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_linen_conv_full_rank_matches_plain(case):
+  plain, comp, params, x = _linen_conv_setup(case, FULL)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  y_ref, _, grads_ref = _linen_run(plain, params, x, g)
+  y, state, grads = _linen_run(comp, params, x, g)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  _assert_trees_close(grads, grads_ref)
+  stats = lvf.collect_stats(state)
+  assert list(stats) == [""]
+  _check_stats(stats[""], x.shape, FULL)
+
+
+@pytest.mark.parametrize("case,settings", [
+    ("nhwc_same", LOSSY), ("strided_valid", LOSSY), ("groups", LOSSY),
+    ("nhwc_same", LOSSY_SVD)], ids=["nhwc_same", "strided_valid", "groups",
+                                    "nhwc_same_svd"])
+def test_linen_conv_lossy_input_grad_exact(case, settings):
+  plain, comp, params, x = _linen_conv_setup(case, settings)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  y_ref, _, (dp_ref, dx_ref) = _linen_run(plain, params, x, g)
+  y, state, (dp, dx) = _linen_run(comp, params, x, g)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  assert _rel_err(dx, dx_ref) < 2e-6
+  np.testing.assert_allclose(dp["bias"], dp_ref["bias"], rtol=1e-5,
+                             atol=1e-5)
+  # The kernel gradient uses the compressed activation, so it differs.
+  assert np.all(np.isfinite(dp["kernel"]))
+  assert _rel_err(dp["kernel"], dp_ref["kernel"]) > 1e-4
+  _check_stats(lvf.collect_stats(state)[""], x.shape, settings)
+
+
+def test_linen_conv_no_stats_unless_mutable():
+  _, comp, params, x = _linen_conv_setup("nhwc_same", LOSSY)
+  y = jax.eval_shape(comp.apply, {"params": params}, x)
+  assert isinstance(y, jax.ShapeDtypeStruct)  # Not a (y, state) pair.
+  variables = jax.eval_shape(comp.init, jax.random.key(1), x)
+  assert set(variables) == {"params", "compression"}
+
+
+def test_custom_collection_name():
+  kwargs, x_shape = CONV_CASES["nhwc_same"]
+  conv = nn.Conv(**kwargs, conv_general_dilated_cls=lvf.conv_cls(
+      collection="lowrank", **LOSSY))
+  x = jnp.ones(x_shape)
+  params = _init_params(conv, x)
+  _, state = jax.jit(lambda p, x: conv.apply({"params": p}, x,
+                                             mutable=["lowrank"]))(params, x)
+  assert set(state) == {"lowrank"}
+  assert list(lvf.collect_stats(state, collection="lowrank")) == [""]
+
+
+def test_shared_layer_called_twice_stacks_stats():
+
+  class Twice(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      conv = nn.Conv(3, (3, 3), name="shared",
+                     conv_general_dilated_cls=lvf.conv_cls(**LOSSY))
+      return conv(conv(x))
+
+  x = _normal((2, 5, 5, 3), 0)
+  params = _init_params(Twice(), x)
+  _, state = jax.jit(lambda p, x: Twice().apply(
+      {"params": p}, x, mutable=["compression"]))(params, x)
+  stats = lvf.collect_stats(state)
+  assert list(stats) == ["shared"]
+  assert stats["shared"].needed_ranks.shape == (2, 4)
+
+
+def test_conv_local_leaks_no_tracers():
+  # ConvLocal only runs the cls under jax.eval_shape to infer a shape.
+  layer = nn.ConvLocal(3, (3, 3), conv_general_dilated_cls=lvf.conv_cls())
+  x = jnp.ones((1, 4, 4, 2))
+  assert set(jax.eval_shape(layer.init, jax.random.key(0), x)) == {"params"}
+  params = _init_params(layer, x)
+  _, state = jax.jit(lambda p, x: layer.apply(
+      {"params": p}, x, mutable=["compression"]))(params, x)
+  assert lvf.collect_stats(state) == {}
+
+
+def test_stats_under_lifted_transforms():
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(4, dot_general_cls=lvf.dense_cls(**LOSSY))(x), None
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x, _ = nn.remat(Block)(name="remat")(x, None)
+      scan = nn.scan(Block, variable_axes={"params": 0, "compression": 0},
+                     split_rngs={"params": True}, length=3)
+      x, _ = scan(name="scan")(x, None)
+      return x
+
+  x = _normal((5, 4), 0)
+  params = _init_params(Net(), x)
+
+  def loss(p):
+    y, state = Net().apply({"params": p}, x, mutable=["compression"])
+    return y.sum(), state
+
+  grads, state = jax.jit(jax.grad(loss, has_aux=True))(params)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  stats = lvf.collect_stats(state)
+  assert list(stats) == ["remat/Dense_0", "scan/Dense_0"]
+  assert stats["remat/Dense_0"].needed_ranks.shape == (2,)
+  assert stats["scan/Dense_0"].needed_ranks.shape == (3, 2)
+
+
+def test_cls_settings_are_validated():
+  with pytest.raises(ValueError, match="eps"):
+    lvf.conv_cls(eps=2.0)
+  with pytest.raises(TypeError):
+    lvf.dense_cls(epsilon=0.5)
+  cls = lvf.dense_cls(method="svd", eps=0.8)
+  module = cls()
+  assert isinstance(module, lvf.CompressedDotGeneral)
+  assert module.config == lv.CompressionConfig(method="svd", eps=0.8)
+  assert module.collection == "compression"
+
+
+# ------------------------------------------------------------ linen dense ---
+
+DENSE_CASES = {
+    "2d": (lambda **kw: nn.Dense(5, **kw), (6, 12)),
+    "2d_wide": (lambda **kw: nn.Dense(3, **kw), (4, 16)),
+    "3d": (lambda **kw: nn.Dense(5, **kw), (3, 4, 6)),
+    "dense_general": (lambda **kw: nn.DenseGeneral((2, 3), **kw), (3, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DENSE_CASES))
+@pytest.mark.parametrize("settings", [FULL, LOSSY], ids=["full", "lossy"])
+def test_linen_dense(case, settings):
+  make, x_shape = DENSE_CASES[case]
+  plain, comp = make(), make(dot_general_cls=lvf.dense_cls(**settings))
+  x = _normal(x_shape, 0)
+  params = _init_params(plain, x)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  y_ref, _, (dp_ref, dx_ref) = _linen_run(plain, params, x, g)
+  y, state, (dp, dx) = _linen_run(comp, params, x, g)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  if settings["eps"] == 1.0:
+    _assert_trees_close((dp, dx), (dp_ref, dx_ref))
+  else:
+    assert _rel_err(dx, dx_ref) < 2e-6
+    assert _rel_err(dp["kernel"], dp_ref["kernel"]) > 1e-4
+  stats = lvf.collect_stats(state)
+  assert list(stats) == [""]
+  _check_stats(stats[""], x_shape, settings)
+
+
+# ------------------------------------------------------- linen training ---
+
+
+CNN_SETTINGS = dict(method="hosvd", eps=0.9, on_overflow="ignore")
+
+
+class SmallCNN(nn.Module):
+  """conv → lv.relu → conv → mean → dense, every layer compressed."""
+
+  @nn.compact
+  def __call__(self, x):
+    settings = CNN_SETTINGS
+    x = nn.Conv(8, (3, 3), name="conv1",
+                conv_general_dilated_cls=lvf.conv_cls(**settings))(x)
+    x = lv.relu(x)
+    x = nn.Conv(8, (3, 3), strides=(2, 2), name="conv2",
+                conv_general_dilated_cls=lvf.conv_cls(**settings))(x)
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(3, name="head",
+                    dot_general_cls=lvf.dense_cls(**settings))(x)
+
+
+def test_linen_cnn_trains_under_jit():
+  model = SmallCNN()
+  x = _normal((8, 8, 8, 3), 0)
+  labels = jnp.arange(8) % 3
+  params = _init_params(model, x)
+  tx = optax.sgd(0.2)
+  opt_state = tx.init(params)
+
+  def loss_fn(params):
+    logits, state = model.apply({"params": params}, x,
+                                mutable=["compression"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return loss.mean(), state
+
+  @jax.jit
+  def train_step(params, opt_state):
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, state
+
+  losses = []
+  for _ in range(6):
+    params, opt_state, loss, state = train_step(params, opt_state)
+    losses.append(float(loss))
+  assert all(np.isfinite(losses))
+  assert np.all(np.diff(losses) < 0), losses
+  stats = lvf.collect_stats(state)
+  assert list(stats) == ["conv1", "conv2", "head"]
+  assert stats["conv1"].shape == (8, 8, 8, 3)
+  assert stats["conv2"].shape == (8, 8, 8, 8)
+  assert stats["head"].shape == (8, 8)
+  for name in ("conv1", "conv2"):
+    assert stats[name].residual_nbytes < stats[name].activation_nbytes
+
+
+# ------------------------------------------------------------------ nnx ---
+
+
+def _nnx_pair(kind, settings):
+  if kind == "conv":
+    drop_in = dict(conv_general_dilated=lv.compressed_conv(**settings))
+    make = lambda **kw: nnx.Conv(4, 6, (3, 3), strides=(2, 1),
+                                 rngs=nnx.Rngs(0), **kw)
+    x_shape = (2, 7, 6, 4)
+  else:
+    drop_in = dict(dot_general=lv.compressed_dense(**settings))
+    make = lambda **kw: nnx.Linear(6, 5, rngs=nnx.Rngs(0), **kw)
+    x_shape = (3, 4, 6)
+  return make(), make(**drop_in), _normal(x_shape, 3)
+
+
+def _nnx_run(model, x, g):
+  """Jitted ``(y, (d params, d x))`` of ``<model(x), g>``."""
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * g), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                             has_aux=True))(params, x)
+  return y, grads
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("settings", [FULL, LOSSY], ids=["full", "lossy"])
+def test_nnx_layers(kind, settings):
+  plain, comp, x = _nnx_pair(kind, settings)
+  _assert_trees_close(nnx.state(comp, nnx.Param), nnx.state(plain, nnx.Param),
+                      tol=0.0)
+  g = _cotangent(jax.eval_shape(plain, x).shape)
+  y_ref, (dp_ref, dx_ref) = _nnx_run(plain, x, g)
+  y, (dp, dx) = _nnx_run(comp, x, g)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  if settings["eps"] == 1.0:
+    _assert_trees_close((dp, dx), (dp_ref, dx_ref))
+  else:
+    assert _rel_err(dx, dx_ref) < 2e-6
+    assert _rel_err(dp["kernel"], dp_ref["kernel"]) > 1e-4
+
+
+def test_nnx_jit_train_step():
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      conv = lv.compressed_conv(eps=0.9, on_overflow="ignore")
+      self.conv = nnx.Conv(3, 8, (3, 3), conv_general_dilated=conv,
+                           rngs=rngs)
+      self.head = nnx.Linear(8, 3, rngs=rngs, dot_general=lv.compressed_dense(
+          eps=0.9, on_overflow="ignore"))
+
+    def __call__(self, x):
+      return self.head(lv.relu(self.conv(x)).mean(axis=(1, 2)))
+
+  model = Net(nnx.Rngs(0))
+  x = _normal((8, 6, 6, 3), 0)
+  labels = jnp.arange(8) % 3
+  y_eager = model(x)
+
+  # jax.jit through split/merge gives the eager output.
+  graphdef, state = nnx.split(model)
+  y_jit = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+  np.testing.assert_allclose(y_jit, y_eager, rtol=1e-5, atol=1e-6)
+
+  optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, labels):
+
+    def loss_fn(model):
+      logits = model(x)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer, x, labels)) for _ in range(6)]
+  assert all(np.isfinite(losses))
+  assert np.all(np.diff(losses) < 0), losses
+
+
+# -------------------------------------------------------------- namespace ---
+
+
+def test_namespace():
+  assert lv.flax is lvf
+  assert set(lvf.__all__) == {
+      "COLLECTION", "CompressedConvGeneralDilated", "CompressedDotGeneral",
+      "collect_stats", "conv_cls", "dense_cls"}
+  for name in lvf.__all__:
+    assert getattr(lvf, name) is not None
+  # The package's own `flax.py` does not shadow the real Flax.
+  assert flax.__name__ == "flax" and hasattr(flax, "linen")
+  assert nn.Module is flax.linen.Module
+  assert issubclass(lvf.CompressedConvGeneralDilated, flax.linen.Module)
