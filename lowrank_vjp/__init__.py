@@ -11,6 +11,9 @@ from lowrank_vjp._src.compressed import CompressedDense as CompressedDense
 from lowrank_vjp._src.compressed import RankOverflowError as RankOverflowError
 from lowrank_vjp._src.compressed import RankOverflowWarning as RankOverflowWarning
 from lowrank_vjp._src.config import CompressionConfig as CompressionConfig
+from lowrank_vjp._src.rank_control import rank_capacities as rank_capacities
+from lowrank_vjp._src.rank_control import RankController as RankController
+from lowrank_vjp._src.rank_control import RankLadder as RankLadder
 from lowrank_vjp._src.residuals import CompressionStats as CompressionStats
 from lowrank_vjp._src.residuals import TuckerResidual as TuckerResidual
 
@@ -21,6 +24,8 @@ __all__ = (
     "CompressedDense",
     "CompressionConfig",
     "CompressionStats",
+    "RankController",
+    "RankLadder",
     "RankOverflowError",
     "RankOverflowWarning",
     "TuckerResidual",
@@ -28,6 +33,7 @@ __all__ = (
     "compressed_dense",
     "flax",
     "measure",
+    "rank_capacities",
     "relu",
     "relu6",
 )

@@ -19,6 +19,7 @@ from lowrank_vjp._src import conv_spec as conv_spec_lib
 from lowrank_vjp._src import decompositions
 from lowrank_vjp._src import dense_rule
 from lowrank_vjp._src import residuals
+from lowrank_vjp._src import sharding
 
 CompressionConfig = config_lib.CompressionConfig
 CompressionStats = residuals.CompressionStats
@@ -170,11 +171,19 @@ class CompressedConv:
       ``(y, stats)``: the convolution's output and a
       :class:`CompressionStats` for this call.
     """
-    spec = conv_spec_lib.conv_spec(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-        dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type, out_sharding)
-    return _conv_with_spec(self.config, spec, lhs, rhs)
+    args = (window_strides, padding, lhs_dilation, rhs_dilation,
+            dimension_numbers, feature_group_count, batch_group_count,
+            precision, preferred_element_type)
+    spec = conv_spec_lib.conv_spec(lhs, rhs, *args, out_sharding)
+    shards = (None if self.config.method == "none" else
+              sharding.batch_shards(lhs, rhs, spec.batch_axis))
+    if shards is None:
+      return _conv_with_spec(self.config, spec, lhs, rhs)
+    return sharding.per_shard(
+        lambda l, r: _conv_with_spec(
+            self.config, conv_spec_lib.conv_spec(l, r, *args), l, r),
+        lhs, rhs, shards, spec.dimension_numbers.out_spec[0],
+        len(spec.lhs_shape))
 
 
 def _conv_with_spec(config, spec, lhs, rhs):
@@ -290,8 +299,22 @@ class CompressedDense:
     batch_axis = 0
     if spec.dimension_numbers[1][0]:
       batch_axis = spec.dimension_numbers[1][0][0]
-    res, stats = _compress(self.config, lhs, batch_axis)
-    return dense_rule.dot(spec, lhs, rhs, res), stats
+
+    def run(l, r, spec):
+      res, stats = _compress(self.config, l, batch_axis)
+      return dense_rule.dot(spec, l, r, res), stats
+
+    (lc, _), (lb, _) = spec.dimension_numbers
+    shards = None if lb or batch_axis in lc else sharding.batch_shards(
+        lhs, rhs, batch_axis)
+    if shards is None:
+      return run(lhs, rhs, spec)
+    free = [a for a in range(len(spec.lhs_shape)) if a not in lc]
+    out_ndim = len(free) + len(spec.rhs_shape) - len(lc)
+    return sharding.per_shard(
+        lambda l, r: run(l, r, dense_rule.dot_spec(
+            l, r, dimension_numbers, precision, preferred_element_type)),
+        lhs, rhs, shards, free.index(batch_axis), out_ndim)
 
 
 def compressed_dense(*, method: str = "hosvd", eps: float = 0.9, ranks=None,

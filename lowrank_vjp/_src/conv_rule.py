@@ -38,11 +38,10 @@ TuckerResidual = residuals.TuckerResidual
 
 def input_grad(spec: ConvSpec, rhs: jax.Array, g: jax.Array) -> jax.Array:
   """Exact ``d lhs``: the transpose of the convolution in ``lhs``."""
-  lhs_aval = jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype)
+  lhs_aval = spec.lhs_aval()
   rhs = residuals.after(rhs, g)  # flip the kernel in the backward pass
   g = g.astype(_out_dtype(spec))
-  (dlhs,) = jax.linear_transpose(lambda l: spec.apply(l, rhs), lhs_aval)(g)
-  return dlhs
+  return conv_spec_lib.transpose(lambda l: spec.apply(l, rhs), lhs_aval, g)
 
 
 def _out_dtype(spec: ConvSpec):
@@ -54,14 +53,13 @@ def _out_dtype(spec: ConvSpec):
 def _conv_weight_transpose(spec: ConvSpec, lhs: jax.Array,
                            g: jax.Array) -> jax.Array:
   """``d rhs`` of the convolution at input ``lhs`` (any batch size)."""
-  rhs_aval = jax.ShapeDtypeStruct(spec.rhs_shape, spec.rhs_dtype)
+  rhs_aval = spec.rhs_aval()
   out_dtype = (spec.preferred_element_type
                or jnp.result_type(lhs.dtype, spec.rhs_dtype))
-  (drhs,) = jax.linear_transpose(
+  return conv_spec_lib.transpose(
       lambda r: spec.apply(lhs, r, preferred_element_type=out_dtype,
                            out_sharding=None),
-      rhs_aval)(g.astype(out_dtype))
-  return drhs
+      rhs_aval, g.astype(out_dtype))
 
 
 def weight_grad_reference(spec: ConvSpec, res: TuckerResidual,

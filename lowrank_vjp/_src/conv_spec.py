@@ -36,6 +36,16 @@ class ConvSpec:
   precision: Any
   preferred_element_type: Any
   out_sharding: Any = None
+  lhs_manual: Any = None
+  rhs_manual: Any = None
+
+  def lhs_aval(self) -> jax.ShapeDtypeStruct:
+    """Abstract ``lhs`` (with its manual axis type inside ``shard_map``)."""
+    return aval(self.lhs_shape, self.lhs_dtype, self.lhs_manual)
+
+  def rhs_aval(self) -> jax.ShapeDtypeStruct:
+    """Abstract ``rhs`` (with its manual axis type inside ``shard_map``)."""
+    return aval(self.rhs_shape, self.rhs_dtype, self.rhs_manual)
 
   @property
   def num_spatial(self) -> int:
@@ -63,6 +73,37 @@ class ConvSpec:
     if self.out_sharding is not None and "out_sharding" not in overrides:
       kw["out_sharding"] = self.out_sharding
     return lax.conv_general_dilated(lhs, rhs, **kw)
+
+
+def manual_axis_type(x):
+  """``x``'s varying/invariant mesh-axis type inside ``shard_map`` (or None)."""
+  try:
+    return getattr(jax.typeof(x), "manual_axis_type", None)
+  except Exception:  # pylint: disable=broad-except  # non-array or old jax
+    return None
+
+
+def aval(shape, dtype, manual=None) -> jax.ShapeDtypeStruct:
+  """A ``ShapeDtypeStruct``, carrying a manual axis type when there is one."""
+  if manual is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+
+
+def transpose(fn, primal: jax.ShapeDtypeStruct, ct) -> jax.Array:
+  """Applies the transpose of the linear ``fn`` at ``primal``'s type to ``ct``.
+
+  ``jax.linear_transpose`` rejects the manual-axis (varying) types used
+  inside ``shard_map``; ``jax.vjp`` at a zero primal of exactly the operand's
+  type does not, and XLA removes the unused primal computation.
+  """
+  manual = getattr(primal, "manual_axis_type", None)
+  zero = jnp.zeros(primal.shape, primal.dtype)
+  varying = tuple(sorted(getattr(manual, "varying", ()) or ()))
+  if varying:
+    zero = jax.lax.pcast(zero, varying, to="varying")
+  _, vjp = jax.vjp(fn, zero)
+  return vjp(ct)[0]
 
 
 def _check_float(name: str, x) -> None:
@@ -174,7 +215,8 @@ def conv_spec(lhs, rhs, window_strides: Sequence[int],
       precision=_hashable(precision),
       preferred_element_type=(None if preferred_element_type is None else
                               jnp.dtype(preferred_element_type)),
-      out_sharding=out_sharding)
+      out_sharding=out_sharding, lhs_manual=manual_axis_type(lhs),
+      rhs_manual=manual_axis_type(rhs))
   # Let lax check the remaining shape rules (channels vs groups, sizes).
   try:
     jax.eval_shape(lambda l, r: spec.apply(l, r, out_sharding=None),

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowrank_vjp._src import conv_spec as conv_spec_lib
 from lowrank_vjp._src import residuals
 
 TuckerResidual = residuals.TuckerResidual
@@ -37,6 +38,14 @@ class DotSpec:
   precision: Any
   preferred_element_type: Any
   out_sharding: Any = None
+  lhs_manual: Any = None
+  rhs_manual: Any = None
+
+  def lhs_aval(self) -> jax.ShapeDtypeStruct:
+    return conv_spec_lib.aval(self.lhs_shape, self.lhs_dtype, self.lhs_manual)
+
+  def rhs_aval(self) -> jax.ShapeDtypeStruct:
+    return conv_spec_lib.aval(self.rhs_shape, self.rhs_dtype, self.rhs_manual)
 
   def apply(self, lhs, rhs, **overrides) -> jax.Array:
     kw = dict(precision=self.precision,
@@ -76,7 +85,9 @@ def dot_spec(lhs, rhs, dimension_numbers, precision=None,
                  tuple(np.shape(rhs)), jnp.result_type(rhs), dn,
                  tuple(precision) if isinstance(precision, list) else precision,
                  None if preferred_element_type is None else
-                 jnp.dtype(preferred_element_type), out_sharding)
+                 jnp.dtype(preferred_element_type), out_sharding,
+                 conv_spec_lib.manual_axis_type(lhs),
+                 conv_spec_lib.manual_axis_type(rhs))
   try:
     jax.eval_shape(lambda l, r: spec.apply(l, r, out_sharding=None),
                    jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype),
@@ -88,25 +99,26 @@ def dot_spec(lhs, rhs, dimension_numbers, precision=None,
   return spec
 
 
+def _out_dtype(spec: DotSpec):
+  return spec.preferred_element_type or jnp.result_type(spec.lhs_dtype,
+                                                        spec.rhs_dtype)
+
+
 def input_grad(spec: DotSpec, rhs, g):
   """Exact ``d lhs``."""
-  aval = jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype)
-  out = jax.eval_shape(lambda l: spec.apply(l, rhs), aval)
-  (dlhs,) = jax.linear_transpose(lambda l: spec.apply(l, rhs),
-                                 aval)(g.astype(out.dtype))
-  return dlhs
+  aval = spec.lhs_aval()
+  return conv_spec_lib.transpose(lambda l: spec.apply(l, rhs), aval,
+                                 g.astype(_out_dtype(spec)))
 
 
 def weight_grad_reference(spec: DotSpec, res: TuckerResidual, g):
   """``d rhs`` from the activation rebuilt at full size (reference path)."""
   res = TuckerResidual(residuals.after(res.core, g), res.factors)
   lhs = res.reconstruct(dtype=spec.lhs_dtype)
-  aval = jax.ShapeDtypeStruct(spec.rhs_shape, spec.rhs_dtype)
-  out = jax.eval_shape(lambda r: spec.apply(lhs, r, out_sharding=None), aval)
-  (drhs,) = jax.linear_transpose(
-      lambda r: spec.apply(lhs, r, out_sharding=None), aval)(
-          g.astype(out.dtype))
-  return drhs
+  aval = spec.rhs_aval()
+  return conv_spec_lib.transpose(
+      lambda r: spec.apply(lhs, r, out_sharding=None), aval,
+      g.astype(_out_dtype(spec)))
 
 
 def weight_grad_tucker(spec: DotSpec, res: TuckerResidual, g):

@@ -32,6 +32,7 @@ from flax.core import tracers as flax_tracers
 
 from lowrank_vjp._src import compressed, residuals
 from lowrank_vjp._src import config as config_lib
+from lowrank_vjp._src import rank_control
 
 CompressionConfig = config_lib.CompressionConfig
 CompressionStats = residuals.CompressionStats
@@ -113,7 +114,8 @@ class CompressedConvGeneralDilated(nn.Module):
     Returns:
       The exact convolution output, e.g. ``[N, H', W', O]``.
     """
-    y, stats = compressed.CompressedConv(self.config).with_stats(
+    config = rank_control.configured(self.config, _layer_key(self))
+    y, stats = compressed.CompressedConv(config).with_stats(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, precision,
         preferred_element_type, out_sharding)
@@ -167,7 +169,8 @@ class CompressedDotGeneral(nn.Module):
     Returns:
       The exact ``lax.dot_general`` output, e.g. ``[N, O]``.
     """
-    y, stats = compressed.CompressedDense(self.config).with_stats(
+    y, stats = compressed.CompressedDense(
+        rank_control.configured(self.config, _layer_key(self))).with_stats(
         lhs, rhs, dimension_numbers, precision, preferred_element_type,
         out_sharding=out_sharding)
     _sow_stats(self, stats)
@@ -234,6 +237,14 @@ def _partial(module_cls, settings):
 _ADAPTER_NAME = re.compile(
     rf"^(?:{CompressedConvGeneralDilated.__name__}|"
     rf"{CompressedDotGeneral.__name__})_\d+$")
+
+
+def _layer_key(module: nn.Module) -> str:
+  """The layer's name as :func:`collect_stats` reports it (trace time)."""
+  path = tuple(str(p) for p in module.path)
+  if path and _ADAPTER_NAME.match(path[-1]):
+    path = path[:-1]
+  return "/".join(path)
 
 
 def _value(x):

@@ -1,0 +1,81 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=8; prints JSON.
+
+Called by tests/test_sharding.py in a fresh process (the device count must be
+set before JAX starts).
+"""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lowrank_vjp as lv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def gathers(hlo):
+  """Shapes of all-gather results in compiled HLO text."""
+  return re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather\(", hlo)
+
+
+def main():
+  out = {"devices": len(jax.devices())}
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (16, 8, 8, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 5))
+
+  def loss(conv):
+    return lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME",
+                                             dimension_numbers=DN)))
+
+  ref = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(w, x)
+  for axis_type in ("explicit", "auto"):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(
+        AxisType.Explicit if axis_type == "explicit" else AxisType.Auto,))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P()))
+    for method in ("hosvd", "svd"):
+      conv = lv.compressed_conv(method=method, eps=1.0)
+      step = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))
+      try:
+        g = step(ws, xs)
+        hlo = step.lower(ws, xs).compile().as_text()
+        out[f"{axis_type}/{method}"] = dict(
+            dw_err=rel(g[0], ref[0]), dx_err=rel(g[1], ref[1]),
+            gathers=gathers(hlo), all_reduces=hlo.count(" all-reduce("),
+            dx_sharding=str(g[1].sharding.spec))
+      except Exception as e:  # pylint: disable=broad-except
+        out[f"{axis_type}/{method}"] = dict(error=f"{type(e).__name__}: {e}")
+  # Statistics come back per device.
+  mesh = jax.make_mesh((8,), ("data",))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  _, stats = jax.jit(lambda x, w: lv.compressed_conv(eps=0.9).with_stats(
+      x, w, (1, 1), "SAME", dimension_numbers=DN))(xs, w)
+  out["stats_shape"] = list(stats.needed_ranks.shape)
+  out["stats_local_shape"] = list(stats.shape)
+  # Dense with a sharded batch.
+  xd = jax.device_put(jax.random.normal(key, (16, 3, 6)),
+                      NamedSharding(mesh, P("data")))
+  wd = jax.random.normal(jax.random.PRNGKey(2), (6, 2))
+  dn = (((2,), (0,)), ((), ()))
+  dense = lv.compressed_dense(eps=1.0)
+  f = lambda d: lambda w, x: jnp.sum(jnp.sin(d(x, w, dn)))
+  gd = jax.jit(jax.grad(f(dense), argnums=(0, 1)))(wd, xd)
+  rd = jax.grad(f(lax.dot_general), argnums=(0, 1))(wd, np.asarray(xd))
+  out["dense"] = dict(dw_err=rel(gd[0], rd[0]), dx_err=rel(gd[1], rd[1]))
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
