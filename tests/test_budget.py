@@ -1,0 +1,50 @@
+"""Budget mode: ranks fit the byte budget and spend it where error falls."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lowrank_vjp as lv
+from lowrank_vjp._src import budget
+
+KW = dict(window_strides=(1, 1), padding="SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _sample(key, low_rank):
+  k1, k2, k3 = jax.random.split(key, 3)
+  if low_rank:
+    x = jnp.einsum("br,rhwc->bhwc", jax.random.normal(k1, (8, 2)),
+                   jax.random.normal(k2, (2, 6, 6, 8)))
+  else:
+    x = jax.random.normal(k1, (8, 6, 6, 8))
+  g = jax.random.normal(k3, (8, 6, 6, 4))
+  return budget.LayerSample([x], [g], (3, 3, 8, 4), KW)
+
+
+def test_plan_fits_budget_and_error_falls_with_budget():
+  samples = {"low": _sample(jax.random.PRNGKey(0), True),
+             "high": _sample(jax.random.PRNGKey(1), False)}
+  totals = []
+  for budget_bytes in (20_000, 40_000, 200_000):
+    caps, chosen = lv.plan_ranks(samples, budget_bytes)
+    assert sum(o.nbytes for o in chosen.values()) <= budget_bytes
+    assert set(caps) == {"low", "high"}
+    totals.append(sum(o.error for o in chosen.values()))
+  assert totals[0] >= totals[1] >= totals[2]
+  # The exactly rank-2 layer is served exactly at little cost.
+  _, chosen = lv.plan_ranks(samples, 200_000)
+  assert chosen["low"].error < 1e-5
+  assert chosen["low"].ranks[0] <= 2
+
+
+def test_budget_too_small_is_a_clear_error():
+  samples = {"high": _sample(jax.random.PRNGKey(1), False)}
+  with pytest.raises(ValueError, match="budget_bytes"):
+    lv.plan_ranks(samples, 10)
+
+
+def test_capacities_drive_layers_through_the_scope():
+  samples = {"high": _sample(jax.random.PRNGKey(1), False)}
+  caps, _ = lv.plan_ranks(samples, 30_000)
+  assert all(isinstance(r, int) for r in caps["high"])
