@@ -2,8 +2,20 @@
 
 from lowrank_vjp import flax as flax
 from lowrank_vjp import measure as measure
+from lowrank_vjp import models as models
+from lowrank_vjp import rules as rules
+from lowrank_vjp import tdlrt as tdlrt
+from lowrank_vjp._src.activations import gelu as gelu
+from lowrank_vjp._src.activations import hard_swish as hard_swish
 from lowrank_vjp._src.activations import relu as relu
 from lowrank_vjp._src.activations import relu6 as relu6
+from lowrank_vjp._src.activations import silu as silu
+from lowrank_vjp._src.asi import asi_conv as asi_conv
+from lowrank_vjp._src.asi import AsiConv as AsiConv
+from lowrank_vjp._src.asi import AsiState as AsiState
+from lowrank_vjp._src.batchnorm import frozen_batch_norm as frozen_batch_norm
+from lowrank_vjp._src.budget import plan_ranks as plan_ranks
+from lowrank_vjp._src.checkpointed import checkpointed as checkpointed
 from lowrank_vjp._src.compressed import compressed_conv as compressed_conv
 from lowrank_vjp._src.compressed import compressed_dense as compressed_dense
 from lowrank_vjp._src.compressed import CompressedConv as CompressedConv
@@ -11,6 +23,7 @@ from lowrank_vjp._src.compressed import CompressedDense as CompressedDense
 from lowrank_vjp._src.compressed import RankOverflowError as RankOverflowError
 from lowrank_vjp._src.compressed import RankOverflowWarning as RankOverflowWarning
 from lowrank_vjp._src.config import CompressionConfig as CompressionConfig
+from lowrank_vjp._src.quantized import bn_relu_conv as bn_relu_conv
 from lowrank_vjp._src.rank_control import rank_capacities as rank_capacities
 from lowrank_vjp._src.rank_control import RankController as RankController
 from lowrank_vjp._src.rank_control import RankLadder as RankLadder
@@ -20,6 +33,8 @@ from lowrank_vjp._src.residuals import TuckerResidual as TuckerResidual
 __version__ = "0.1.0"
 
 __all__ = (
+    "AsiConv",
+    "AsiState",
     "CompressedConv",
     "CompressedDense",
     "CompressionConfig",
@@ -29,11 +44,22 @@ __all__ = (
     "RankOverflowError",
     "RankOverflowWarning",
     "TuckerResidual",
+    "asi_conv",
+    "bn_relu_conv",
+    "checkpointed",
     "compressed_conv",
     "compressed_dense",
     "flax",
+    "frozen_batch_norm",
+    "gelu",
+    "hard_swish",
     "measure",
+    "models",
+    "plan_ranks",
     "rank_capacities",
     "relu",
     "relu6",
+    "rules",
+    "silu",
+    "tdlrt",
 )

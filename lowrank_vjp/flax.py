@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lowrank_vjp._src.batchnorm import FrozenBatchNorm as FrozenBatchNorm
 from lowrank_vjp._src.flax_adapters import COLLECTION as COLLECTION
 from lowrank_vjp._src.flax_adapters import (
     CompressedConvGeneralDilated as CompressedConvGeneralDilated,
@@ -17,6 +18,7 @@ __all__ = (
     "COLLECTION",
     "CompressedConvGeneralDilated",
     "CompressedDotGeneral",
+    "FrozenBatchNorm",
     "collect_stats",
     "conv_cls",
     "dense_cls",

@@ -421,7 +421,7 @@ def test_namespace():
   assert lv.flax is lvf
   assert set(lvf.__all__) == {
       "COLLECTION", "CompressedConvGeneralDilated", "CompressedDotGeneral",
-      "collect_stats", "conv_cls", "dense_cls"}
+      "FrozenBatchNorm", "collect_stats", "conv_cls", "dense_cls"}
   for name in lvf.__all__:
     assert getattr(lvf, name) is not None
   # The package's own `flax.py` does not shadow the real Flax.

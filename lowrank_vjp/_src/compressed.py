@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowrank_vjp._src import checkpointed
 from lowrank_vjp._src import config as config_lib
 from lowrank_vjp._src import conv_rule
 from lowrank_vjp._src import conv_spec as conv_spec_lib
 from lowrank_vjp._src import decompositions
 from lowrank_vjp._src import dense_rule
+from lowrank_vjp._src import gradient_filter
+from lowrank_vjp._src import layer_log
+from lowrank_vjp._src import quantized
 from lowrank_vjp._src import residuals
 from lowrank_vjp._src import sharding
 
@@ -61,8 +65,11 @@ def report_overflow(config: CompressionConfig,
                      stats.kept_energy)
 
 
-def _uncompressed_stats(x, method="none") -> CompressionStats:
+def _uncompressed_stats(x, method="none", nbytes=None) -> CompressionStats:
+  """Stats of a layer without ranks: shapes as ranks, ``nbytes`` saved."""
   n = x.ndim
+  if nbytes is None:
+    nbytes = int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
   return CompressionStats(
       needed_ranks=jnp.asarray(x.shape, jnp.int32),
       kept_ranks=jnp.asarray(x.shape, jnp.int32),
@@ -70,7 +77,7 @@ def _uncompressed_stats(x, method="none") -> CompressionStats:
       overflow=jnp.asarray(False),
       shape=tuple(x.shape), capacity=(None,) * n, method=method,
       itemsize=jnp.dtype(x.dtype).itemsize,
-      residual_nbytes=int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize)
+      residual_nbytes=int(nbytes))
 
 
 def _compress(config: CompressionConfig, x, batch_axis: int):
@@ -186,9 +193,40 @@ class CompressedConv:
         len(spec.lhs_shape))
 
 
+def _quant_spec(config: CompressionConfig, channel_axis: int):
+  return quantized.QuantSpec(config.bits, config.per_channel,
+                             config.stochastic, channel_axis)
+
+
+def _other_method(config: CompressionConfig, spec, lhs, rhs,
+                  channel_axis: int):
+  """``(y, stats)`` for "quant" and "checkpoint" (any ``spec.apply``)."""
+  if config.method == "quant":
+    qspec = _quant_spec(config, channel_axis)
+    return quantized.apply(spec, qspec, lhs, rhs), _uncompressed_stats(
+        lhs, "quant", quantized.residual_nbytes(np.shape(lhs), qspec))
+  assert config.method == "checkpoint", config.method
+  return (checkpointed.apply(spec, lhs, rhs),
+          _uncompressed_stats(lhs, "checkpoint"))
+
+
 def _conv_with_spec(config, spec, lhs, rhs):
+  y, stats = _run_conv(config, spec, lhs, rhs)
+  layer_log.record("conv", config, spec, stats)
+  return y, stats
+
+
+def _run_conv(config, spec, lhs, rhs):
   if config.method == "none":
     return spec.apply(lhs, rhs), _uncompressed_stats(lhs)
+  if config.method == "gradfilter":
+    gradient_filter.check_supported(spec, config.radius)
+    nbytes = gradient_filter.residual_nbytes(spec, config.radius)
+    return (gradient_filter.conv(spec, config.radius, lhs, rhs),
+            _uncompressed_stats(lhs, "gradfilter", nbytes))
+  if config.method not in config_lib.TUCKER_METHODS:
+    return _other_method(config, spec, lhs, rhs,
+                         spec.dimension_numbers.lhs_spec[1])
   res, stats = _compress(config, lhs, spec.batch_axis)
   return conv_rule.conv(spec, lhs, rhs, res), stats
 
@@ -207,6 +245,16 @@ def _decorate(config: CompressionConfig, fn: Callable) -> Callable:
     conv_spec_lib._check_float("w", w)  # pylint: disable=protected-access
     if config.method == "none":
       return bound(x, w), _uncompressed_stats(x)
+    if config.method == "gradfilter":
+      raise ValueError(
+          "method='gradfilter' needs the function to be exactly one "
+          "lax.conv_general_dilated of (x, w) (it pools over the "
+          f"convolution's output grid); {getattr(fn, '__name__', fn)!r} is "
+          "not. Call the drop-in conv directly instead.")
+    if config.method not in config_lib.TUCKER_METHODS:
+      spec = quantized.BilinearSpec(bound, np.shape(x), jnp.result_type(x),
+                                    np.shape(w), jnp.result_type(w))
+      return _other_method(config, spec, x, w, np.ndim(x) - 1)
     res, stats = _compress(config, x, batch_axis=0)
     return _bilinear(bound, x, w, res), stats
 
@@ -221,7 +269,8 @@ def _decorate(config: CompressionConfig, fn: Callable) -> Callable:
 
 def compressed_conv(fn: Callable | None = None, *, method: str = "hosvd",
                     eps: float = 0.9, ranks=None, rank_fraction: float = 0.5,
-                    on_overflow: str = "warn"):
+                    on_overflow: str = "warn", radius: int = 2, bits: int = 8,
+                    per_channel: bool = False, stochastic: bool = False):
   """A convolution whose saved activation is compressed.
 
   Use it as a drop-in for ``lax.conv_general_dilated``::
@@ -243,13 +292,20 @@ def compressed_conv(fn: Callable | None = None, *, method: str = "hosvd",
 
   Args:
     fn: Optional function to decorate (``compressed_conv(f, eps=...)``).
-    method: ``"hosvd"``, ``"svd"`` or ``"none"``.
+    method: ``"hosvd"``, ``"svd"``, ``"none"``, ``"gradfilter"``
+      (gradient filter, drop-in and single-conv functions only),
+      ``"quant"`` (K-bit codes of the input) or ``"checkpoint"``
+      (recompute from the saved input); docs/methods.md.
     eps: Explained variance kept per compressed mode, in ``(0, 1]``.
     ranks: Static rank capacity per axis of ``x`` (see
       :class:`CompressionConfig`).
     rank_fraction: Default capacity as a fraction of each axis.
     on_overflow: ``"warn"``, ``"error"`` or ``"ignore"`` when ε needs more
       than the capacity.
+    radius: ``"gradfilter"``: patch size ``r`` of the output gradient.
+    bits: ``"quant"``: 2, 4 or 8 bits per saved element.
+    per_channel: ``"quant"``: one coding range per channel.
+    stochastic: ``"quant"``: stochastic rounding.
 
   Returns:
     A :class:`CompressedConv` (or the decorated function, which also has a
@@ -260,7 +316,9 @@ def compressed_conv(fn: Callable | None = None, *, method: str = "hosvd",
   """
   config = CompressionConfig(method=method, eps=eps, ranks=ranks,
                              rank_fraction=rank_fraction,
-                             on_overflow=on_overflow)
+                             on_overflow=on_overflow, radius=radius,
+                             bits=bits, per_channel=per_channel,
+                             stochastic=stochastic)
   if fn is not None:
     return _decorate(config, fn)
   return CompressedConv(config)
@@ -294,15 +352,28 @@ class CompressedDense:
     """Like ``__call__``, also returning a :class:`CompressionStats`."""
     spec = dense_rule.dot_spec(lhs, rhs, dimension_numbers, precision,
                                preferred_element_type, out_sharding)
+    if self.config.method == "gradfilter":
+      raise ValueError("method='gradfilter' applies to convolutions only; "
+                       "use compressed_conv, or another method for dense "
+                       "layers.")
     if self.config.method == "none":
-      return spec.apply(lhs, rhs), _uncompressed_stats(lhs)
+      y, stats = spec.apply(lhs, rhs), _uncompressed_stats(lhs)
+      layer_log.record("dense", self.config, spec, stats)
+      return y, stats
     batch_axis = 0
     if spec.dimension_numbers[1][0]:
       batch_axis = spec.dimension_numbers[1][0][0]
+    contracting = spec.dimension_numbers[0][0]
+    channel_axis = contracting[-1] if contracting else len(spec.lhs_shape) - 1
 
     def run(l, r, spec):
-      res, stats = _compress(self.config, l, batch_axis)
-      return dense_rule.dot(spec, l, r, res), stats
+      if self.config.method in config_lib.TUCKER_METHODS:
+        res, stats = _compress(self.config, l, batch_axis)
+        y = dense_rule.dot(spec, l, r, res)
+      else:
+        y, stats = _other_method(self.config, spec, l, r, channel_axis)
+      layer_log.record("dense", self.config, spec, stats)
+      return y, stats
 
     (lc, _), (lb, _) = spec.dimension_numbers
     shards = None if lb or batch_axis in lc else sharding.batch_shards(
@@ -318,8 +389,9 @@ class CompressedDense:
 
 
 def compressed_dense(*, method: str = "hosvd", eps: float = 0.9, ranks=None,
-                     rank_fraction: float = 0.5,
-                     on_overflow: str = "warn") -> CompressedDense:
+                     rank_fraction: float = 0.5, on_overflow: str = "warn",
+                     radius: int = 2, bits: int = 8, per_channel: bool = False,
+                     stochastic: bool = False) -> CompressedDense:
   """A ``lax.dot_general`` whose saved activation ``lhs`` is compressed.
 
   Example::
@@ -327,11 +399,14 @@ def compressed_dense(*, method: str = "hosvd", eps: float = 0.9, ranks=None,
     dense = lv.compressed_dense(method="hosvd", eps=0.9)
     y = dense(x, w, (((x.ndim - 1,), (0,)), ((), ())))   # x: [N, T, F]
 
-  Args: as :func:`compressed_conv` (``ranks`` in the order of ``lhs``'s axes).
+  Args: as :func:`compressed_conv` (``ranks`` in the order of ``lhs``'s axes;
+  ``"gradfilter"`` is for convolutions only and raises ``ValueError`` here;
+  ``"quant"``'s channel axis is ``lhs``'s last contracting axis).
 
   Returns:
     A :class:`CompressedDense`.
   """
   return CompressedDense(CompressionConfig(
       method=method, eps=eps, ranks=ranks, rank_fraction=rank_fraction,
-      on_overflow=on_overflow))
+      on_overflow=on_overflow, radius=radius, bits=bits,
+      per_channel=per_channel, stochastic=stochastic))

@@ -12,8 +12,16 @@ import math
 import numbers
 from collections.abc import Sequence
 
-METHODS = ("none", "hosvd", "svd")
+import numpy as np
+
+METHODS = ("none", "hosvd", "svd", "gradfilter", "quant", "checkpoint")
 """Methods understood by :class:`CompressionConfig`."""
+
+TUCKER_METHODS = ("hosvd", "svd")
+"""Methods whose residual is a Tucker core and factors (the rank settings)."""
+
+QUANT_BITS = (2, 4, 8)
+"""Code widths of ``method="quant"``."""
 
 ON_OVERFLOW = ("warn", "error", "ignore")
 """What a layer does when ε needs more components than its capacity holds."""
@@ -50,6 +58,10 @@ class CompressionConfig:
   ranks: int | tuple[int | None, ...] | None = None
   rank_fraction: float = 0.5
   on_overflow: str = "warn"
+  radius: int = 2
+  bits: int = 8
+  per_channel: bool = False
+  stochastic: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -82,6 +94,23 @@ class CompressionConfig:
           raise ValueError("ranks must be a positive int, None, or a tuple of "
                            f"positive ints and Nones; got {self.ranks!r}.")
       object.__setattr__(self, "ranks", ranks)
+    if (isinstance(self.radius, bool)
+        or not isinstance(self.radius, numbers.Integral) or self.radius < 1):
+      raise ValueError(
+          f"radius must be an int >= 1 (the gradient filter's patch size, "
+          f"e.g. 2 or 4), got {self.radius!r}.")
+    object.__setattr__(self, "radius", int(self.radius))
+    if (isinstance(self.bits, bool) or not isinstance(self.bits,
+                                                      numbers.Integral)
+        or int(self.bits) not in QUANT_BITS):
+      raise ValueError(
+          f"bits must be one of {QUANT_BITS}, got {self.bits!r}.")
+    object.__setattr__(self, "bits", int(self.bits))
+    for name in ("per_channel", "stochastic"):
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+      object.__setattr__(self, name, bool(value))
 
   def capacity(self, shape: Sequence[int],
                batch_axis: int = 0) -> tuple[int | None, ...]:
@@ -100,7 +129,7 @@ class CompressionConfig:
     """
     shape = tuple(int(d) for d in shape)
     ndim = len(shape)
-    if self.method == "none":
+    if self.method not in TUCKER_METHODS:
       return (None,) * ndim
     compressed = (range(ndim) if self.method == "hosvd" else (batch_axis,))
     if isinstance(self.ranks, tuple):

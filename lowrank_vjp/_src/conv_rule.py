@@ -55,7 +55,8 @@ def _conv_weight_transpose(spec: ConvSpec, lhs: jax.Array,
   """``d rhs`` of the convolution at input ``lhs`` (any batch size)."""
   rhs_aval = spec.rhs_aval()
   out_dtype = (spec.preferred_element_type
-               or jnp.result_type(lhs.dtype, spec.rhs_dtype))
+               if spec.preferred_element_type is not None
+               else jnp.result_type(lhs.dtype, spec.rhs_dtype))
   return conv_spec_lib.transpose(
       lambda r: spec.apply(lhs, r, preferred_element_type=out_dtype,
                            out_sharding=None),
@@ -239,7 +240,7 @@ def _tucker_path_elements(spec: ConvSpec, res: TuckerResidual) -> int:
     out_d = out_shape[dn.out_spec[2 + d]]
     taps = spec.rhs_shape[dn.rhs_spec[2 + d]] * res.core.shape[
         dn.lhs_spec[2 + d]]
-    current = current // out_d * taps
+    current = current // max(out_d, 1) * taps  # lax allows empty outputs
     sizes.append(current)
   return max(sizes)
 

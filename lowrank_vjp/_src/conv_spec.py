@@ -198,7 +198,7 @@ def conv_spec(lhs, rhs, window_strides: Sequence[int],
     try:
       pads = [tuple(int(p) for p in pair) for pair in padding]
       ok = len(pads) == nsp and all(len(p) == 2 for p in pads)
-    except TypeError:
+    except (TypeError, ValueError):  # not iterable, or int("a")
       ok = False
     if not ok:
       raise ValueError(

@@ -181,6 +181,26 @@ def project(x: jax.Array, factors) -> jax.Array:
   return core
 
 
+def _normalize(x: jax.Array):
+  """Scales ``x`` by a power of two so that its largest magnitude is ~1.
+
+  The mode Grams square the activation's entries: in float32 they overflow
+  above about 1e18 and lose everything below about 1e-19. A power-of-two
+  scale is exact, leaves the eigenvectors and the variance ratios unchanged,
+  and is undone on the core. Non-finite or all-zero activations are left as
+  they are.
+
+  Returns:
+    ``(scaled x, unscale factor)`` in the compute dtype.
+  """
+  ct = compute_dtype(x.dtype)
+  peak = jnp.max(jnp.abs(x)).astype(ct)
+  ok = jnp.isfinite(peak) & (peak > 0)
+  exponent = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1.0))), 0.0)
+  scale = jnp.exp2(-exponent).astype(ct)
+  return (x.astype(ct) * scale), (1.0 / scale)
+
+
 def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
   """Compresses ``x`` into a :class:`TuckerResidual` and reports what it kept.
 
@@ -196,6 +216,8 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
     ``x.dtype`` and a :class:`residuals.CompressionStats`.
   """
   x = lax.stop_gradient(x)
+  dtype = x.dtype
+  x, unscale = _normalize(x)
   factors, needed, kept, energy = [], [], [], []
   for axis, cap in enumerate(capacity):
     if cap is None:
@@ -210,7 +232,7 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
     kept.append(k)
     energy.append(e)
   factors = tuple(factors)
-  core = project(x, factors).astype(x.dtype)
+  core = (project(x, factors) * unscale).astype(dtype)
   residual = residuals.TuckerResidual(core=core, factors=factors)
   needed = jnp.stack(needed)
   stats = residuals.CompressionStats(
@@ -221,7 +243,7 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
       shape=tuple(x.shape),
       capacity=tuple(capacity),
       method=method,
-      itemsize=jnp.dtype(x.dtype).itemsize,
+      itemsize=jnp.dtype(dtype).itemsize,
       residual_nbytes=residual.nbytes,
   )
   return residual, stats

@@ -100,8 +100,9 @@ def dot_spec(lhs, rhs, dimension_numbers, precision=None,
 
 
 def _out_dtype(spec: DotSpec):
-  return spec.preferred_element_type or jnp.result_type(spec.lhs_dtype,
-                                                        spec.rhs_dtype)
+  if spec.preferred_element_type is not None:
+    return spec.preferred_element_type
+  return jnp.result_type(spec.lhs_dtype, spec.rhs_dtype)
 
 
 def input_grad(spec: DotSpec, rhs, g):
