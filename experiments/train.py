@@ -110,6 +110,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="test examples evaluated at the end (0: all)")
   p.add_argument("--eval-batch-size", type=int, default=100)
   p.add_argument("--checkpoint-every", type=int, default=100)
+  p.add_argument("--rank-control", default="redo",
+                 choices=("redo", "off"),
+                 help="hosvd/svd: let lv.RankController move each layer's "
+                 "static capacity with the ranks eps needs, recomputing a "
+                 "step that needed more than its capacity (the state is then "
+                 "not donated); 'off' keeps the default capacity and only "
+                 "reports overflows")
+  p.add_argument("--rank-patience", type=int, default=20,
+                 help="steps before a capacity may shrink (hysteresis)")
   p.add_argument("--workdir", default="workdir")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true",
@@ -199,21 +208,24 @@ def make_optimizer(args) -> optax.GradientTransformation:
   return tx
 
 
-def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int):
-  """``train_step(state, frozen, images, labels) -> (state, metrics)``.
+def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int,
+                    donate: bool = True):
+  """``train_step(state, frozen, images, labels, capacities) -> (state, m)``.
 
-  ``state`` (donated) holds the trained parameters, the statistics of the
-  trained BatchNorms, the optimizer state and the step; ``frozen`` the rest
-  of the variables, which are not differentiated.
+  ``state`` (donated unless ``donate`` is False) holds the trained
+  parameters, the statistics of the trained BatchNorms, the optimizer state
+  and the step; ``frozen`` the rest of the variables, which are not
+  differentiated. ``capacities`` (static: one compile per distinct value) is
+  a :meth:`lv.RankController.key`, or None for the configured capacities.
   """
   base_key = jax.random.key(seed)
 
-  def loss_fn(params, batch_stats, frozen, x, labels, key):
+  def loss_fn(params, batch_stats, frozen, x, labels, key, capacities):
     trained = {"params": params}
     if batch_stats:
       trained["batch_stats"] = batch_stats
     variables = plan.merge(trained, frozen)
-    with plan.intercept():
+    with plan.intercept(), lv.rank_capacities(capacities):
       logits, state = model.apply(
           variables, x, train=True, rngs={"dropout": key},
           mutable=["compression", "batch_stats"])
@@ -225,12 +237,13 @@ def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int):
           "batch_stats"]
     return loss, (logits, new_stats, state.get("compression", {}))
 
-  def train_step(state, frozen, images, labels):
+  def train_step(state, frozen, images, labels, capacities=None):
     x = models.preprocess(images, image_size)
     key = jax.random.fold_in(base_key, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (logits, batch_stats, compression)), grads = grad_fn(
-        state["params"], state["batch_stats"], frozen, x, labels, key)
+        state["params"], state["batch_stats"], frozen, x, labels, key,
+        capacities)
     updates, opt_state = tx.update(grads, state["opt_state"],
                                    state["params"])
     new_state = {
@@ -246,7 +259,16 @@ def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int):
     }
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (),
+                 static_argnames="capacities")
+
+
+def _save_controller(controller, path_pattern: str, step: int) -> None:
+  """Saves the rank controller's state beside the checkpoint of ``step``."""
+  if controller is None:
+    return
+  with open(path_pattern.format(step), "w") as f:
+    json.dump(controller.state_dict(), f)
 
 
 def make_eval_step(model, image_size: int):
@@ -353,10 +375,20 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     log(f"[{label}] resumed from the checkpoint at step {start}")
+  controller_path = os.path.join(ckpt_dir, "rank_controller-{}.json")
   rows = read_metrics(metrics_path, start)
   write_metrics(metrics_path, rows)  # drops rows past the checkpoint
 
-  train_step = make_train_step(model, plan, tx, args.seed, args.image_size)
+  controlled = (args.rank_control == "redo" and settings.get("method") in
+                ("hosvd", "svd") and bool(plan.compressed))
+  controller = (lv.RankController(patience=args.rank_patience)
+                if controlled else None)
+  train_step = make_train_step(model, plan, tx, args.seed, args.image_size,
+                               donate=not controlled)
+  if controller is not None and start and os.path.exists(
+      controller_path.format(start)):
+    with open(controller_path.format(start)) as f:
+      controller.load_state_dict(json.load(f))
   images, labels = train.get(train.batch_indices(0, args.batch_size,
                                                  args.seed), args.image_size)
   t1 = time.perf_counter()
@@ -384,8 +416,17 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
                                                    args.seed),
                                args.image_size)
     t = time.perf_counter()
-    state, metrics = compiled(state, frozen, images, labels)
-    metrics = jax.device_get(metrics)
+    if controller is None:
+      state, metrics = compiled(state, frozen, images, labels)
+      metrics = jax.device_get(metrics)
+    else:   # recompute a step whose needs exceeded a capacity
+      for _ in range(4):
+        new_state, metrics = train_step(state, frozen, images, labels,
+                                        capacities=controller.key())
+        metrics = jax.device_get(metrics)
+        if not controller.observe(metrics["stats"]):
+          break
+      state = new_state
     dt = time.perf_counter() - t
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
@@ -397,7 +438,8 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
     rows.append(row)
     metrics_file.write(json.dumps(row) + "\n")
     metrics_file.flush()
-    manager.save(step + 1, args=ocp.args.StandardSave(state))
+    if manager.save(step + 1, args=ocp.args.StandardSave(state)):
+      _save_controller(controller, controller_path, step + 1)
     if bar is not None:
       bar.set_postfix(loss=f"{loss:.3f}",
                       mem=f"{row['activation_memory_analytic_mib']:.2f}MiB")
@@ -408,11 +450,13 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
   if stop < args.steps:
     if manager.latest_step() != stop:
       manager.save(stop, args=ocp.args.StandardSave(state), force=True)
+      _save_controller(controller, controller_path, stop)
     manager.wait_until_finished()
     log(f"[{label}] interrupted at step {stop} (--interrupt-at)")
     return {"interrupted_at": stop}
   if manager.latest_step() != args.steps:
     manager.save(args.steps, args=ocp.args.StandardSave(state), force=True)
+    _save_controller(controller, controller_path, args.steps)
   manager.wait_until_finished()
 
   t2 = time.perf_counter()
@@ -424,6 +468,24 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
   report = make_report(args, label, settings, plan, rows, xla, accuracy,
                        weights, compile_time, eval_time, setup_time,
                        num_classes)
+  if controller is not None:
+    capacity = [r["activation_memory_capacity_mib"] for r in rows]
+    optimal = [r["activation_memory_analytic_mib"] for r in rows]
+    report["rank_control"] = {
+        "compiles": int(train_step._cache_size()),  # pylint: disable=protected-access
+        "capacity_settings": len(controller.history),
+        "redone_steps": controller.redos,
+        "residual_mib_mean": float(np.mean(capacity)),
+        "eps_optimal_mib_mean": float(np.mean(optimal)),
+        "residual_over_optimal": float(np.mean(capacity) / max(
+            np.mean(optimal), 1e-12)),
+        "final_capacities": {k: list(v) for k, v in
+                             controller.capacities.items()},
+    }
+    log(f"[{label}] rank control: {report['rank_control']['compiles']} "
+        f"compiles, {controller.redos} redone steps, residual "
+        f"{np.mean(capacity):.3f} MiB vs eps-optimal {np.mean(optimal):.3f} "
+        "MiB (mean over steps)")
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
   return report

@@ -191,6 +191,32 @@ class RankController:
     self.redos += int(overflow)
     return overflow
 
+  def state_dict(self) -> dict:
+    """Everything the controller has learned, as JSON-compatible data.
+
+    Save it with a training checkpoint: a resumed run that restores it
+    (:meth:`load_state_dict`) makes the same capacity decisions, so it
+    reproduces the uninterrupted run exactly.
+    """
+    return {
+        "layers": {k: {"capacity": list(v.capacity), "below": list(v.below),
+                       "window_max": list(v.window_max)}
+                   for k, v in self._layers.items()},
+        "history": [{k: list(c) for k, c in h.items()} for h in self.history],
+        "redos": self.redos,
+    }
+
+  def load_state_dict(self, state: dict) -> None:
+    """Restores what :meth:`state_dict` returned."""
+    self._layers = {
+        k: _LayerState(tuple(v["capacity"]), list(v["below"]),
+                       list(v["window_max"]))
+        for k, v in state["layers"].items()}
+    self.history = [{k: tuple(c) for k, c in h.items()}
+                    for h in state["history"]]
+    self._seen = {tuple(sorted(h.items())) for h in self.history}
+    self.redos = int(state["redos"])
+
   def _grow_to(self, need: int, shape, axis) -> int:
     bound = _rank_bound(shape, axis)
     return self.ladder.fit(min(bound, math.ceil(need * self.headroom)), bound)
