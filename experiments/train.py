@@ -117,8 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "step that needed more than its capacity (the state is then "
                  "not donated); 'off' keeps the default capacity and only "
                  "reports overflows")
-  p.add_argument("--rank-patience", type=int, default=20,
+  p.add_argument("--rank-patience", type=int, default=100,
                  help="steps before a capacity may shrink (hysteresis)")
+  p.add_argument("--rank-headroom", type=float, default=1.5,
+                 help="grow a capacity to the rung holding headroom x need")
   p.add_argument("--workdir", default="workdir")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true",
@@ -381,7 +383,8 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
 
   controlled = (args.rank_control == "redo" and settings.get("method") in
                 ("hosvd", "svd") and bool(plan.compressed))
-  controller = (lv.RankController(patience=args.rank_patience)
+  controller = (lv.RankController(patience=args.rank_patience,
+                                  headroom=args.rank_headroom)
                 if controlled else None)
   train_step = make_train_step(model, plan, tx, args.seed, args.image_size,
                                donate=not controlled)
