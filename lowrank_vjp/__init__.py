@@ -14,7 +14,9 @@ from lowrank_vjp._src.asi import asi_conv as asi_conv
 from lowrank_vjp._src.asi import AsiConv as AsiConv
 from lowrank_vjp._src.asi import AsiState as AsiState
 from lowrank_vjp._src.batchnorm import frozen_batch_norm as frozen_batch_norm
+from lowrank_vjp._src.budget import LayerSample as LayerSample
 from lowrank_vjp._src.budget import plan_ranks as plan_ranks
+from lowrank_vjp._src.budget import RankOption as RankOption
 from lowrank_vjp._src.checkpointed import checkpointed as checkpointed
 from lowrank_vjp._src.compressed import compressed_conv as compressed_conv
 from lowrank_vjp._src.compressed import compressed_dense as compressed_dense
@@ -39,9 +41,11 @@ __all__ = (
     "CompressedDense",
     "CompressionConfig",
     "CompressionStats",
+    "LayerSample",
     "RankController",
     "RankLadder",
     "RankOverflowError",
+    "RankOption",
     "RankOverflowWarning",
     "TuckerResidual",
     "asi_conv",
