@@ -59,7 +59,7 @@ def _refresh(x: jax.Array, axis: int, u_prev: jax.Array) -> jax.Array:
   """One subspace iteration for mode ``axis``: ``orth(A (Aᵀ U_prev))``."""
   ct = u_prev.dtype
   others = tuple(a for a in range(x.ndim) if a != axis)
-  z = decompositions._mode_product(x.astype(ct), axis, u_prev)  # pylint: disable=protected-access
+  z = decompositions.mode_product(x.astype(ct), axis, u_prev)
   y = lax.dot_general(x.astype(ct), z, ((others, others), ((), ())),
                       precision=_HIGHEST)                         # [I, K]
   q, _ = jnp.linalg.qr(y)
@@ -104,7 +104,7 @@ def asi_compress(x: jax.Array, state: AsiState, capacity):
     if f is None:
       energy.append(jnp.asarray(1.0, jnp.float32))
       continue
-    kept = jnp.sum(jnp.square(decompositions._mode_product(  # pylint: disable=protected-access
+    kept = jnp.sum(jnp.square(decompositions.mode_product(
         x.astype(ct), a, f)))
     energy.append(jnp.where(total > 0, kept / safe, 1.0).astype(jnp.float32))
   ranks = jnp.asarray([x.shape[a] if k is None else k

@@ -141,7 +141,7 @@ def leading_factor(x: jax.Array, axis: int, capacity: int, eps: float):
   return factor, needed, kept, energy.astype(jnp.float32)
 
 
-def _mode_product(x: jax.Array, axis: int, factor: jax.Array) -> jax.Array:
+def mode_product(x: jax.Array, axis: int, factor: jax.Array) -> jax.Array:
   """``x ×_axis factorᵀ``: axis ``axis`` of size I becomes size K."""
   p, i, q = _split(x.shape, axis)
   k = factor.shape[1]
@@ -177,7 +177,7 @@ def project(x: jax.Array, factors) -> jax.Array:
   core = x.astype(ct)
   for axis in order:
     if factors[axis] is not None:
-      core = _mode_product(core, axis, factors[axis].astype(ct))
+      core = mode_product(core, axis, factors[axis].astype(ct))
   return core
 
 

@@ -64,12 +64,10 @@ def per_shard(fn: Callable, lhs, rhs, shards, out_batch_axis: int,
     array has a leading device axis.
   """
   mesh, axes = shards
-  spec = tuple(jax.typeof(lhs).sharding.spec)
-  lhs_spec = [s if s is not None else None for s in spec]
+  lhs_spec = list(jax.typeof(lhs).sharding.spec)
   lhs_spec += [None] * (len(lhs.shape) - len(lhs_spec))
   out_spec = [None] * out_ndim
-  out_spec[out_batch_axis] = lhs_spec[[i for i, s in enumerate(lhs_spec)
-                                       if s is not None][0]]
+  out_spec[out_batch_axis] = axes
 
   def local(l, r):
     r = lax.pcast(r, axes, to="varying")
