@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from lowrank_vjp._src.batchnorm import FrozenBatchNorm as FrozenBatchNorm
+from lowrank_vjp._src.flax_adapters import ASI_COLLECTION as ASI_COLLECTION
 from lowrank_vjp._src.flax_adapters import COLLECTION as COLLECTION
+from lowrank_vjp._src.flax_adapters import (
+    AsiConvGeneralDilated as AsiConvGeneralDilated,
+)
 from lowrank_vjp._src.flax_adapters import (
     CompressedConvGeneralDilated as CompressedConvGeneralDilated,
 )
@@ -15,6 +19,8 @@ from lowrank_vjp._src.flax_adapters import conv_cls as conv_cls
 from lowrank_vjp._src.flax_adapters import dense_cls as dense_cls
 
 __all__ = (
+    "ASI_COLLECTION",
+    "AsiConvGeneralDilated",
     "COLLECTION",
     "CompressedConvGeneralDilated",
     "CompressedDotGeneral",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lowrank_vjp as lv
 from lowrank_vjp._src import config as config_lib
 from lowrank_vjp._src import decompositions
 
@@ -366,3 +367,26 @@ def test_non_finite_input_does_not_crash(bad, method, capacity):
   # The statistics say the step is unusable rather than claiming success.
   compressed = [a for a, c in enumerate(capacity) if c is not None]
   assert np.all(np.isnan(np.asarray(stats.kept_energy)[compressed]))
+
+
+def test_scaled_activation_is_held_once():
+  """The power-of-two scaling feeds every mode Gram from one buffer.
+
+  With a multiply, XLA copied the scaling into each Gram's input fusion and
+  held one scaled copy of the activation per mode at the same time.
+  """
+  x = jax.ShapeDtypeStruct((16, 7, 7, 240), jnp.float32)
+  w = jax.ShapeDtypeStruct((1, 1, 240, 80), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def temp(conv):
+    def loss(w, x):
+      return jnp.sum(jnp.square(conv(x, w, (1, 1), "VALID",
+                                     dimension_numbers=dn)))
+    return lv.measure.xla_memory(jax.grad(loss), w, x).temp_bytes
+
+  activation = 16 * 7 * 7 * 240 * 4
+  vanilla = temp(jax.lax.conv_general_dilated)
+  hosvd = temp(lv.compressed_conv(method="hosvd", eps=0.9,
+                                  on_overflow="ignore"))
+  assert hosvd <= vanilla + 1.25 * activation, (hosvd, vanilla, activation)

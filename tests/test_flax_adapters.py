@@ -15,6 +15,7 @@ from flax import nnx
 
 import lowrank_vjp as lv
 import lowrank_vjp.flax as lvf
+from lowrank_vjp._src import decompositions
 
 FULL = dict(method="hosvd", eps=1.0)
 LOSSY = dict(method="hosvd", eps=0.5, rank_fraction=0.5, on_overflow="ignore")
@@ -238,6 +239,212 @@ def test_cls_settings_are_validated():
   assert module.collection == "compression"
 
 
+# --------------------------------------------------------------- linen asi ---
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _asi_setup(rank_fraction=0.5, case="nhwc_same"):
+  kwargs, x_shape = CONV_CASES[case]
+  plain = nn.Conv(**kwargs)
+  comp = nn.Conv(**kwargs, conv_general_dilated_cls=lvf.conv_cls(
+      method="asi", rank_fraction=rank_fraction))
+  x = _normal(x_shape, 0)
+  params = _init_params(plain, x)
+  asi_state = jax.jit(lambda x: comp.init(jax.random.key(0), x))(x)[
+      "asi_state"]
+  return plain, comp, params, asi_state, x
+
+
+def _asi_run(layer, params, asi_state, x, g):
+  """Jitted ``(y, new asi_state, sown stats, (d params, d x))``."""
+
+  def loss(p, x):
+    y, state = layer.apply({"params": p, "asi_state": asi_state}, x,
+                           mutable=["asi_state", "compression"])
+    return jnp.sum(y * g), (y, state)
+
+  (_, (y, state)), grads = jax.jit(
+      jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  return y, state["asi_state"], lvf.collect_stats(state)[""], grads
+
+
+def _pure_asi(params, x, g, state, rank_fraction):
+  """``"nhwc_same"``'s step through the pure API: ``(dW, new AsiState)``."""
+  conv = lv.asi_conv(rank_fraction=rank_fraction)
+
+  def loss(w):
+    y, _, new = conv(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                     state=state)
+    return jnp.sum((y + params["bias"]) * g), new
+
+  return jax.jit(jax.grad(loss, has_aux=True))(params["kernel"])
+
+
+def _projector(u):
+  u = np.asarray(u, np.float64)
+  return u @ u.T
+
+
+def _as_asi_state(tree, capacity):
+  factors = tree["AsiConvGeneralDilated_0"]["factors"]
+  return lv.AsiState(
+      factors=tuple(None if k is None else factors[str(a)]
+                    for a, k in enumerate(capacity)),
+      started=tree["AsiConvGeneralDilated_0"]["started"])
+
+
+def test_asi_state_layout():
+  _, comp, _, asi_state, x = _asi_setup()
+  layer = asi_state["AsiConvGeneralDilated_0"]
+  capacity = lv.asi_conv(rank_fraction=0.5).capacity(x.shape)
+  assert set(layer) == {"factors", "started"}
+  assert {k: v.shape for k, v in layer["factors"].items()} == {
+      str(a): (n, k) for a, (n, k) in enumerate(zip(x.shape, capacity,
+                                                   strict=True))}
+  assert layer["started"].dtype == jnp.bool_ and not bool(layer["started"])
+  init = lv.asi_conv(rank_fraction=0.5).init_state(x.shape)
+  for a, f in enumerate(init.factors):
+    np.testing.assert_array_equal(layer["factors"][str(a)], f)
+  # Uncompressed axes hold no factor (no None leaves).
+  conv = nn.Conv(6, (3, 3), conv_general_dilated_cls=lvf.conv_cls(
+      method="asi", ranks=(None, 3, 3, None)))
+  factors = jax.eval_shape(conv.init, jax.random.key(0), x)["asi_state"][
+      "AsiConvGeneralDilated_0"]["factors"]
+  assert sorted(factors) == ["1", "2"]
+  assert lvf.ASI_COLLECTION == "asi_state"
+
+
+def test_asi_linen_first_step_is_the_exact_hosvd():
+  plain, comp, params, asi_state, x = _asi_setup()
+  capacity = lv.asi_conv(rank_fraction=0.5).capacity(x.shape)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  y, new_state, stats, (dp, _) = _asi_run(comp, params, asi_state, x, g)
+  y_ref = jax.jit(plain.apply)({"params": params}, x)
+  np.testing.assert_array_equal(y, y_ref)
+  # The same step as asi_conv's cold step (the exact HOSVD at those ranks).
+  dw, pure_state = _pure_asi(
+      params, x, g, lv.asi_conv(rank_fraction=0.5).init_state(x.shape), 0.5)
+  assert _rel_err(dp["kernel"], dw) < 1e-5
+  exact, _ = decompositions.tucker_compress(x, capacity, 1.0, "hosvd")
+  new = _as_asi_state(new_state, capacity)
+  assert bool(new.started)
+  for u, v, e in zip(new.factors, pure_state.factors, exact.factors,
+                     strict=True):
+    np.testing.assert_allclose(_projector(u), _projector(v), atol=1e-5)
+    np.testing.assert_allclose(_projector(u), _projector(e), atol=1e-5)
+  assert stats.method == "asi" and stats.capacity == capacity
+  np.testing.assert_array_equal(stats.needed_ranks, capacity)
+
+
+def test_asi_linen_warm_step_and_mutability():
+  plain, comp, params, asi_state, x = _asi_setup()
+  capacity = lv.asi_conv(rank_fraction=0.5).capacity(x.shape)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  _, state1, _, _ = _asi_run(comp, params, asi_state, x, g)
+  x2 = x + 0.3 * _normal(x.shape, 5)
+  _, state2, _, (dp, _) = _asi_run(comp, params, state1, x2, g)
+  # The warm step refreshes the factors as asi_conv does from them.
+  dw, pure = _pure_asi(params, x2, g, _as_asi_state(state1, capacity), 0.5)
+  assert _rel_err(dp["kernel"], dw) < 1e-5
+  new = _as_asi_state(state2, capacity)
+  old = _as_asi_state(state1, capacity)
+  for u, v in zip(new.factors, pure.factors, strict=True):
+    np.testing.assert_allclose(_projector(u), _projector(v), atol=1e-5)
+  assert any(not np.allclose(_projector(u), _projector(v), atol=1e-3)
+             for u, v in zip(new.factors, old.factors, strict=True))
+  # Not mutable: the state is read, nothing is written or returned.
+  y = jax.jit(comp.apply)({"params": params, "asi_state": state1}, x2)
+  np.testing.assert_array_equal(y, jax.jit(plain.apply)({"params": params},
+                                                        x2))
+  # No state and not mutable: a clear error.
+  with pytest.raises(ValueError, match="no ASI state"):
+    jax.eval_shape(comp.apply, {"params": params}, x)
+  # Created by an apply (collection mutable, none given): stored unstarted.
+  _, state = jax.jit(lambda p, x: comp.apply(
+      {"params": p}, x, mutable=["asi_state"]))(params, x)
+  assert not bool(state["asi_state"]["AsiConvGeneralDilated_0"]["started"])
+  # Factors of another shape: a clear error.
+  other = jax.jit(lambda x: comp.init(jax.random.key(0), x))(
+      _normal((3, 6, 6, 4), 1))["asi_state"]
+  with pytest.raises(ValueError, match="shapes"):
+    jax.eval_shape(lambda p, s: comp.apply(
+        {"params": p, "asi_state": s}, x, mutable=["asi_state"]), params,
+                   other)
+
+
+@pytest.mark.parametrize("case", ["nhwc_same", "strided_valid", "groups"])
+def test_asi_linen_forward_and_input_grad_exact(case):
+  plain, comp, params, asi_state, x = _asi_setup(0.25, case)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  y_ref, _, (dp_ref, dx_ref) = _linen_run(plain, params, x, g)
+  for _ in range(2):   # cold, then warm
+    y, asi_state, _, (dp, dx) = _asi_run(comp, params, asi_state, x, g)
+    np.testing.assert_array_equal(y, y_ref)
+    assert _rel_err(dx, dx_ref) < 2e-6
+    np.testing.assert_allclose(dp["bias"], dp_ref["bias"], rtol=1e-5,
+                               atol=1e-5)
+    assert _rel_err(dp["kernel"], dp_ref["kernel"]) > 1e-4
+
+
+@pytest.mark.parametrize("case", ["nhwc_same", "groups", "conv1d"])
+def test_asi_linen_full_rank_matches_plain(case):
+  plain, comp, params, asi_state, x = _asi_setup(1.0, case)
+  g = _cotangent(jax.eval_shape(plain.apply, {"params": params}, x).shape)
+  y_ref, _, grads_ref = _linen_run(plain, params, x, g)
+  for _ in range(2):   # cold, then warm
+    y, asi_state, _, grads = _asi_run(comp, params, asi_state, x, g)
+    np.testing.assert_array_equal(y, y_ref)
+    _assert_trees_close(grads, grads_ref)
+
+
+def test_asi_stats_keyed_by_layer_path():
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      asi = lvf.conv_cls(method="asi")
+      x = nn.Conv(4, (3, 3), name="conv1", conv_general_dilated_cls=asi)(x)
+      return nn.Conv(4, (3, 3), name="conv2", conv_general_dilated_cls=asi)(
+          lv.relu(x))
+
+  x = _normal((2, 5, 5, 3), 0)
+  variables = jax.jit(Net().init)(jax.random.key(0), x)
+  assert set(variables["asi_state"]) == {"conv1", "conv2"}
+  _, state = jax.jit(lambda v, x: Net().apply(
+      v, x, mutable=["asi_state", "compression"]))(variables, x)
+  assert sorted(lvf.collect_stats(state)) == ["conv1", "conv2"]
+
+
+def test_asi_conv_local_leaks_no_tracers():
+  layer = nn.ConvLocal(3, (3, 3), conv_general_dilated_cls=lvf.conv_cls(
+      method="asi"))
+  x = jnp.ones((1, 4, 4, 2))
+  assert set(jax.eval_shape(layer.init, jax.random.key(0), x)) == {"params"}
+
+
+def test_asi_cls_settings():
+  cls = lvf.conv_cls(method="asi")
+  module = cls()
+  assert isinstance(module, lvf.AsiConvGeneralDilated)
+  assert (module.ranks, module.rank_fraction) == (None, 0.25)
+  assert (module.collection, module.state_collection) == (
+      "compression", "asi_state")
+  module = lvf.conv_cls(method="asi", ranks=[2, None, 3, 4],
+                        rank_fraction=0.5, collection="c",
+                        state_collection="s")()
+  assert module.ranks == (2, None, 3, 4)   # hashable
+  assert (module.collection, module.state_collection) == ("c", "s")
+  for key in ("eps", "on_overflow", "bits"):
+    with pytest.raises(TypeError, match=key):
+      lvf.conv_cls(method="asi", **{key: 0.8})
+  with pytest.raises(ValueError, match="rank_fraction"):
+    lvf.conv_cls(method="asi", rank_fraction=1.5)
+  with pytest.raises(ValueError, match="method"):
+    lvf.dense_cls(method="asi")
+
+
 # ------------------------------------------------------------ linen dense ---
 
 DENSE_CASES = {
@@ -420,7 +627,8 @@ def test_nnx_jit_train_step():
 def test_namespace():
   assert lv.flax is lvf
   assert set(lvf.__all__) == {
-      "COLLECTION", "CompressedConvGeneralDilated", "CompressedDotGeneral",
+      "ASI_COLLECTION", "AsiConvGeneralDilated", "COLLECTION",
+      "CompressedConvGeneralDilated", "CompressedDotGeneral",
       "FrozenBatchNorm", "collect_stats", "conv_cls", "dense_cls"}
   for name in lvf.__all__:
     assert getattr(lvf, name) is not None

@@ -104,3 +104,20 @@ def test_tie_and_after_keep_values_nan_included():
   g = jnp.asarray([np.nan, 2.0])
   np.testing.assert_array_equal(residuals.after(y, g), y)
   np.testing.assert_array_equal(jax.jit(residuals.tie)(y, res), y)
+
+
+@pytest.mark.parametrize("method,bits,want", [
+    ("gradfilter", 8, 2 * 4 * 4 * 8 * 4),   # 2x2-pooled 8x8 activation
+    ("quant", 4, 2 * 8 * 8 * 8 // 2),      # two 4-bit codes per byte
+    ("none", 8, 2 * 8 * 8 * 8 * 4),
+])
+def test_analytic_nbytes_of_methods_without_ranks(method, bits, want):
+  """Shape-only methods count what they save, not the full activation."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 4))
+  conv = lv.compressed_conv(method=method, bits=bits)
+  _, stats = conv.with_stats(x, w, (1, 1), "SAME",
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert stats.analytic_nbytes() == stats.residual_nbytes
+  assert stats.residual_nbytes >= want
+  assert stats.residual_nbytes <= want + 64   # per-tensor scale and offset

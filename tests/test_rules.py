@@ -186,6 +186,46 @@ def test_user_model_gradients(user):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
+def test_user_model_asi(user):
+  """Rules with ``method="asi"``: the layers keep their factors in the
+  ``"asi_state"`` collection, stats are keyed by the nn.Conv paths, and at
+  full ranks the gradients are vanilla's, cold and warm."""
+  model, variables, x = user
+  asi = {"method": "asi", "rank_fraction": 1.0}
+  plan = lvr.plan(model, [lvr.Rule(r"body_[12]", asi), lvr.Rule("out")], x,
+                  variables=variables)
+  assert plan.compressed_paths == ("body_1", "body_2")
+  assert plan.trainable == ("body_1", "body_2", "out")  # adapters unlisted
+  trained, frozen = plan.split(variables)
+  with plan.intercept():
+    asi_state = jax.jit(lambda v: model.apply(
+        v, x, mutable=["asi_state"])[1]["asi_state"])(variables)
+  assert sorted(asi_state) == ["body_1", "body_2"]
+
+  def loss(params, asi_state):
+    v = plan.merge({"params": params}, frozen)
+    v["asi_state"] = asi_state
+    with plan.intercept():
+      logits, state = model.apply(v, x, mutable=["asi_state", "compression"])
+    return logits.sum(), state
+
+  def loss_ref(params):
+    return model.apply(plan.merge({"params": params}, frozen), x).sum()
+
+  g_ref = jax.jit(jax.grad(loss_ref))(trained["params"])
+  step = jax.jit(jax.grad(loss, has_aux=True))
+  for started in (False, True):
+    leaves = jax.tree_util.tree_leaves_with_path(asi_state)
+    assert all(bool(v) == started for p, v in leaves
+               if "started" in jax.tree_util.keystr(p))
+    g, state = step(trained["params"], asi_state)
+    asi_state = state["asi_state"]
+    assert sorted(lvf.collect_stats(state)) == ["body_1", "body_2"]
+    for a, b in zip(jax.tree_util.tree_leaves(g),
+                    jax.tree_util.tree_leaves(g_ref), strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
 def test_train_bn_option(user):
   model, variables, x = user
   plan = lvr.plan(model, [lvr.Rule("body_2", HOSVD, train_bn=True),

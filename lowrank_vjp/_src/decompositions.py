@@ -181,7 +181,7 @@ def project(x: jax.Array, factors) -> jax.Array:
   return core
 
 
-def _normalize(x: jax.Array):
+def normalize(x: jax.Array):
   """Scales ``x`` by a power of two so that its largest magnitude is ~1.
 
   The mode Grams square the activation's entries: in float32 they overflow
@@ -196,9 +196,28 @@ def _normalize(x: jax.Array):
   ct = compute_dtype(x.dtype)
   peak = jnp.max(jnp.abs(x)).astype(ct)
   ok = jnp.isfinite(peak) & (peak > 0)
+  info = jnp.finfo(ct)
   exponent = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1.0))), 0.0)
-  scale = jnp.exp2(-exponent).astype(ct)
-  return (x.astype(ct) * scale), (1.0 / scale)
+  exponent = jnp.clip(exponent, info.minexp, info.maxexp - 1)
+  unscale = _power_of_two(exponent, ct)
+  # A division, not a multiplication by 2**-exponent (the same exact
+  # result): XLA counts a division as expensive and computes the scaled
+  # activation once, where it copied a cheap multiply into the input fusion
+  # of each mode Gram and held up to four activation-sized buffers at once
+  # (one 64x7x7x960 conv: 49.8 MiB of temp against vanilla's 19.1 on the
+  # CPU; 24.6 with the division). The divisor is built from its bits:
+  # XLA rewrites a division by exp(...) into a multiplication.
+  return x.astype(ct) / unscale, unscale
+
+
+def _power_of_two(exponent: jax.Array, dtype) -> jax.Array:
+  """``2**exponent`` for an integral, in-range ``exponent``, from its bits."""
+  info = jnp.finfo(dtype)
+  bits = jnp.dtype(f"int{info.bits}")
+  mantissa = info.nmant
+  bias = info.maxexp - 1
+  biased = (exponent.astype(bits) + bias) << mantissa
+  return lax.bitcast_convert_type(biased, dtype)
 
 
 def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
@@ -217,7 +236,7 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
   """
   x = lax.stop_gradient(x)
   dtype = x.dtype
-  x, unscale = _normalize(x)
+  x, unscale = normalize(x)
   factors, needed, kept, energy = [], [], [], []
   for axis, cap in enumerate(capacity):
     if cap is None:

@@ -14,7 +14,8 @@ import contextvars
 import dataclasses
 from typing import Any
 
-_ADAPTERS = ("CompressedConvGeneralDilated", "CompressedDotGeneral")
+_ADAPTERS = ("CompressedConvGeneralDilated", "AsiConvGeneralDilated",
+             "CompressedDotGeneral")
 """Class names of the Flax adapters (lowrank_vjp.flax)."""
 
 _ACTIVE: contextvars.ContextVar[list | None] = contextvars.ContextVar(

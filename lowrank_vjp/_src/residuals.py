@@ -115,8 +115,12 @@ class CompressionStats:
 
     Uses ``needed_ranks`` (not the capacity), so it is the memory an ideal
     dynamic-shape implementation would hold. Needs concrete (not traced)
-    statistics.
+    statistics. A layer without ranks (vanilla, gradient filter, K-bit
+    codes, checkpointing) saves a residual whose size the shape fixes: its
+    count is ``residual_nbytes``.
     """
+    if all(c is None for c in self.capacity):
+      return self.residual_nbytes
     ranks = np.asarray(jax.device_get(self.needed_ranks)).reshape(
         -1, len(self.shape))
     counts = []

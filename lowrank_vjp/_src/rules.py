@@ -31,6 +31,7 @@ from flax import traverse_util
 from lowrank_vjp._src import flax_adapters
 
 _ADAPTERS = (flax_adapters.CompressedConvGeneralDilated,
+             flax_adapters.AsiConvGeneralDilated,
              flax_adapters.CompressedDotGeneral)
 
 
@@ -317,7 +318,9 @@ class Plan:
     :func:`lowrank_vjp.flax.conv_cls` (:func:`~lowrank_vjp.flax.dense_cls`),
     which sows :class:`lowrank_vjp.CompressionStats` into the
     ``"compression"`` collection (read it with
-    :func:`lowrank_vjp.flax.collect_stats`); BatchNorms in
+    :func:`lowrank_vjp.flax.collect_stats`); with ``method="asi"`` the
+    layers also keep their factors in the ``"asi_state"`` collection, which
+    the caller passes in and makes mutable; BatchNorms in
     :attr:`train_bn` use batch statistics, the others (with
     :attr:`freeze_bn`) their running averages.
     """
