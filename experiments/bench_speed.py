@@ -1,17 +1,31 @@
-"""Step time of compressed vs vanilla convolutions, side by side in one run.
+"""Step time of compressed vs vanilla training, side by side in one run.
 
-The last four convolutions of MobileNetV2 at 224×224 (torchvision's layout:
-features.17's 1×1 expansion 160→960, 3×3 depthwise 960, 1×1 projection
-960→320, and features.18's 1×1 320→1280, all at 7×7), batch 64 as in the
-HOSVD paper, each followed by ``lv.relu6``. For every method it times, under
-``jax.jit``, the forward pass (loss value), the training step (loss and
-weight gradients) and their difference (the backward pass), and prints each
-one's ratio to vanilla. Weights and inputs are random; at a fixed capacity the
-work does not depend on ε (ε only masks components), so the ε rows differ
-only by noise — both are printed to show it.
+Two sections, each printing every method's ratio to vanilla:
+
+* ``layers``: the last four convolutions of MobileNetV2 at 224×224
+  (torchvision's layout: features.17's 1×1 expansion 160→960, 3×3 depthwise
+  960, 1×1 projection 960→320, and features.18's 1×1 320→1280, all at 7×7),
+  batch 64 as in the HOSVD paper, each followed by ``lv.relu6``. For every
+  method it times, under ``jax.jit``, the forward pass (loss value), the
+  training step (loss and weight gradients) and their difference (the
+  backward pass). Weights and inputs are random.
+* ``step``: a whole fine-tuning train step of MobileNetV2 at 224×224, batch
+  64, 10 classes, random initialisation: the last four convolutions (and the
+  classifier) trained through ``lowrank_vjp.rules``, the rest frozen, SGD —
+  train.py's own ``make_train_step`` and ``make_optimizer``, jitted with the
+  state donated. hosvd/svd run at their default capacity (train.py's
+  ``--rank-control off``); ASI at its default ranks (a quarter of each axis),
+  its factors carried from step to step.
+
+At a fixed capacity the work does not depend on ε (ε only masks
+components), so the ε rows differ only by noise — both are printed to show
+it. Each time is the median of ``--repeats`` calls after two warm-up calls
+(the first compiles; for ASI the first is the cold, exact-HOSVD step).
 
 Usage:
   python experiments/bench_speed.py [--batch 64] [--repeats 10] [--json F]
+  python experiments/bench_speed.py --only step --step-batch 4 \
+      --step-size 64 --repeats 1            # a quick check
 """
 
 from __future__ import annotations
@@ -19,7 +33,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import sys
 import time
 
 import jax
@@ -55,7 +71,7 @@ def make_loss(method, eps):
 
   def loss(ws, x, states=None):
     new_states = []
-    for i, (w, (_, _, k, groups)) in enumerate(zip(ws, LAYERS)):
+    for i, (w, (_, _, k, groups)) in enumerate(zip(ws, LAYERS, strict=True)):
       pad = "SAME" if k > 1 else "VALID"
       if convs is None:
         conv = lv.asi_conv()
@@ -82,40 +98,33 @@ def time_fn(fn, args, repeats):
   return float(np.median(times))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--size", type=int, default=7)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--json", default=None)
-  args = parser.parse_args()
+CASES = [("vanilla", None)] + [(m, e) for m in ("hosvd", "svd")
+                               for e in (0.8, 0.9)] + [("asi", None)]
+"""``(method, eps)`` rows of both sections; ASI's ranks are fixed (no ε)."""
+
+
+def bench_layers(args) -> dict:
+  """The ``layers`` section: forward, backward and step of four convs."""
   key = jax.random.PRNGKey(0)
   ws = make_weights(key)
   x = jax.random.normal(jax.random.fold_in(key, 99),
                         (args.batch, args.size, args.size, LAYERS[0][0]))
-  device = jax.devices()[0]
-  print(f"{datetime.date.today()} jax {jax.__version__} on "
-        f"{device.platform}:{device.device_kind} ({platform.machine()}), "
-        f"batch {args.batch}, {args.size}x{args.size}, median of "
-        f"{args.repeats}")
-  cases = [("vanilla", 1.0)] + [(m, e) for m in ("hosvd", "svd", "asi")
-                                for e in (0.8, 0.9)]
+  setting = (f"batch {args.batch}, {args.size}x{args.size}, median of "
+             f"{args.repeats}")
+  print(f"== layers: the last four MobileNetV2 convolutions, {setting}")
   rows, base = [], None
-  for method, eps in cases:
-    if method == "asi" and eps != 0.8:
-      continue   # ASI has fixed ranks: ε plays no part
+  for method, eps in CASES:
     loss = make_loss(method, eps)
     states = None
     if method == "asi":
       states = [lv.asi_conv().init_state(s) for s in _layer_inputs(x, ws)]
       # One step to start the warm state.
       _, states = jax.jit(loss)(ws, x, states)
-    fwd = jax.jit(lambda ws, x, s: loss(ws, x, s)[0])
-    step = jax.jit(jax.value_and_grad(lambda ws, x, s: loss(ws, x, s)[0]))
-    t_fwd = time_fn(fwd, (ws, x, states), args.repeats)
-    t_step = time_fn(step, (ws, x, states), args.repeats)
-    row = dict(method=method, eps=None if method in ("vanilla", "asi")
-               else eps, forward_s=t_fwd, step_s=t_step,
+    value = lambda ws, x, s, loss=loss: loss(ws, x, s)[0]
+    t_fwd = time_fn(jax.jit(value), (ws, x, states), args.repeats)
+    t_step = time_fn(jax.jit(jax.value_and_grad(value)), (ws, x, states),
+                     args.repeats)
+    row = dict(method=method, eps=eps, forward_s=t_fwd, step_s=t_step,
                backward_s=t_step - t_fwd)
     if base is None:
       base = row
@@ -130,15 +139,120 @@ def main():
           f"{1e3 * r['backward_s']:>8.2f} {1e3 * r['step_s']:>8.2f} "
           f"{r['forward_ratio']:>6.2f} {r['backward_ratio']:>6.2f} "
           f"{r['step_ratio']:>6.2f}")
+  return dict(setting=setting, batch=args.batch, size=args.size,
+              repeats=args.repeats, rows=rows)
+
+
+def _train_module():
+  """experiments/train.py, imported from this script's directory."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  import train  # pylint: disable=g-import-not-at-top
+  return train
+
+
+def bench_step(args) -> dict:
+  """The ``step`` section: train.py's whole jitted fine-tuning step."""
+  train = _train_module()
+  import lowrank_vjp.rules as lvr  # pylint: disable=g-import-not-at-top
+  from lowrank_vjp import models  # pylint: disable=g-import-not-at-top
+
+  b, s, k = args.step_batch, args.step_size, args.step_layers
+  targs = train.parse_args([
+      "--model", "mobilenet_v2", "--weights", "none", "--layers", str(k),
+      "--optimizer", "sgd", "--batch-size", str(b), "--image-size", str(s),
+      "--rank-control", "off"])
+  spec = models.get_spec(targs.model)
+  model = spec.build(num_classes=args.step_classes)
+  variables = models.init(model, s, targs.seed)
+  shape = (b, s, s, 3)
+  layers = lvr.discover(model, jax.ShapeDtypeStruct(shape, jnp.float32),
+                        variables=variables, train=True)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, shape, dtype=np.uint8)
+  labels = rng.integers(0, args.step_classes, (b,), dtype=np.int32)
+  setting = (f"MobileNetV2 at {s}x{s}, batch {b}, {args.step_classes} "
+             f"classes, random init, last {k} convs and the classifier "
+             f"trained, SGD; median of {args.repeats} steps after 2 warm-up "
+             "steps")
+  print(f"== step: a whole fine-tuning train step, {setting}")
+  rows, base = [], None
+  for method, eps in CASES:
+    targs.eps = 0.8 if eps is None else eps
+    settings = train.settings_for(method, targs)
+    plan = lvr.make_plan(layers,
+                         train.make_rules(targs, layers, spec, settings))
+    trained, frozen = plan.split(variables)
+    # The step donates its state: give it copies, not the shared variables.
+    trained = jax.tree_util.tree_map(jnp.copy, trained)
+    tx = train.make_optimizer(targs)
+    state = train.initial_state(trained, tx, train.init_asi_state(
+        model, plan, variables, jax.ShapeDtypeStruct(shape, jnp.float32)))
+    step = train.make_train_step(model, plan, tx, targs.seed, s)
+    times = []
+    for i in range(2 + args.repeats):
+      t0 = time.perf_counter()
+      state, metrics = step(state, frozen, images, labels)
+      jax.block_until_ready((state, metrics))
+      if i >= 2:
+        times.append(time.perf_counter() - t0)
+    row = dict(method=method, eps=eps, step_s=float(np.median(times)),
+               loss=float(metrics["loss"]))
+    if base is None:
+      base = row
+    row["step_ratio"] = row["step_s"] / base["step_s"]
+    rows.append(row)
+    del state, step
+  print(f"{'method':<10} {'eps':>4} {'step ms':>9} {'step x':>6}")
+  for r in rows:
+    eps = "-" if r["eps"] is None else f"{r['eps']:.1f}"
+    print(f"{r['method']:<10} {eps:>4} {1e3 * r['step_s']:>9.2f} "
+          f"{r['step_ratio']:>6.2f}")
+  return dict(setting=setting, model="mobilenet_v2", batch=b, size=s,
+              layers=k, classes=args.step_classes, repeats=args.repeats,
+              trained=list(plan.trainable), rows=rows)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", choices=("layers", "step"), default=None,
+                      help="run one section only (default: both)")
+  parser.add_argument("--batch", type=int, default=64,
+                      help="layers: batch size")
+  parser.add_argument("--size", type=int, default=7,
+                      help="layers: spatial size of the convolutions' input")
+  parser.add_argument("--step-batch", type=int, default=64,
+                      help="step: batch size")
+  parser.add_argument("--step-size", type=int, default=224,
+                      help="step: image size")
+  parser.add_argument("--step-layers", type=int, default=4,
+                      help="step: the last k convolutions are fine-tuned")
+  parser.add_argument("--step-classes", type=int, default=10,
+                      help="step: classifier size")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  print(f"{datetime.date.today()} jax {jax.__version__} on "
+        f"{device.platform}:{device.device_kind} ({platform.machine()})")
+  sections = {}
+  if args.only in (None, "layers"):
+    sections["layers"] = bench_layers(args)
+  if args.only in (None, "step"):
+    sections["step"] = bench_step(args)
+  result = dict(device=f"{device.platform}:{device.device_kind}",
+                jax=jax.__version__, date=datetime.date.today().isoformat(),
+                machine=platform.machine(), sections=sections)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(device=str(device.device_kind), jax=jax.__version__,
-                     rows=rows), f, indent=1)
+      json.dump(result, f, indent=1)
+  return result
 
 
 def _layer_inputs(x, ws):
   shapes = []
-  for w, (_, _, k, groups) in zip(ws, LAYERS):
+  for w, (_, _, k, groups) in zip(ws, LAYERS, strict=True):
     shapes.append(x.shape)
     x = lax.conv_general_dilated(x, w, (1, 1), "SAME" if k > 1 else "VALID",
                                  dimension_numbers=DN,

@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "model has one (else random init, with a warning); 'none'")
   p.add_argument("--method", default="vanilla,hosvd",
                  help="comma-separated runs: 'vanilla' or any method of "
-                 "lowrank_vjp (hosvd, svd, …); each run is one method")
+                 "lowrank_vjp (hosvd, svd, asi, …); each run is one method")
   p.add_argument("--eps", type=float, default=0.8,
                  help="explained variance kept (methods that use it)")
   p.add_argument("--method-kwargs", default="{}",
@@ -145,6 +145,8 @@ def settings_for(method: str, args) -> dict[str, Any]:
   extra = json.loads(args.method_kwargs)
   if method in (VANILLA, "none"):
     return {"method": "none"}  # the stats are still sown
+  if method == "asi":  # fixed ranks: eps and on_overflow do not apply
+    return {"method": "asi", **extra}
   return {"method": method, "eps": args.eps, "on_overflow": "ignore", **extra}
 
 
@@ -210,42 +212,85 @@ def make_optimizer(args) -> optax.GradientTransformation:
   return tx
 
 
+def uses_asi(plan: lvr.Plan) -> bool:
+  """Whether some layer of ``plan`` runs ASI (factors carried as state)."""
+  return any(dict(s).get("method") == "asi" for _, s in plan.compressed)
+
+
+def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
+  """The unstarted ``"asi_state"`` collection of ``plan``'s ASI layers.
+
+  Applies the model once (jitted) under ``plan.intercept()`` to zeros shaped
+  like the model input ``x`` (an array or ``jax.ShapeDtypeStruct``) with the
+  collection mutable. A layer that creates its state stores it unstarted
+  (identity factors, ``started`` False), so the first training step runs
+  ASI's exact HOSVD on its own batch. ``{}`` when no layer runs ASI.
+  """
+  if not uses_asi(plan):
+    return {}
+
+  def init(variables):
+    with plan.intercept():
+      _, state = model.apply(
+          variables, jnp.zeros(x.shape, x.dtype), train=True,
+          rngs={"dropout": jax.random.key(0)},
+          mutable=[lvf.ASI_COLLECTION, "batch_stats"])
+    return state.get(lvf.ASI_COLLECTION, {})
+
+  return jax.jit(init)(variables)
+
+
 def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int,
                     donate: bool = True):
   """``train_step(state, frozen, images, labels, capacities) -> (state, m)``.
 
   ``state`` (donated unless ``donate`` is False) holds the trained
-  parameters, the statistics of the trained BatchNorms, the optimizer state
-  and the step; ``frozen`` the rest of the variables, which are not
+  parameters, the statistics of the trained BatchNorms, the optimizer state,
+  the step and ``"asi_state"``, the factors of the ASI layers (from
+  :func:`init_asi_state`; required when the plan runs ASI, ``{}`` or absent
+  otherwise); ``frozen`` the rest of the variables, which are not
   differentiated. ``capacities`` (static: one compile per distinct value) is
   a :meth:`lv.RankController.key`, or None for the configured capacities.
+  With ``image_size=None`` the inputs go to ``model.apply`` as they are
+  (cached features for :class:`cached_features.FromBlock`), else they are
+  images for :func:`models.preprocess`.
   """
   base_key = jax.random.key(seed)
+  asi = uses_asi(plan)
+  mutable = ["compression", "batch_stats"] + ([lvf.ASI_COLLECTION] if asi
+                                              else [])
 
-  def loss_fn(params, batch_stats, frozen, x, labels, key, capacities):
+  def loss_fn(params, batch_stats, asi_state, frozen, x, labels, key,
+              capacities):
     trained = {"params": params}
     if batch_stats:
       trained["batch_stats"] = batch_stats
     variables = plan.merge(trained, frozen)
+    if asi_state:
+      variables[lvf.ASI_COLLECTION] = asi_state
     with plan.intercept(), lv.rank_capacities(capacities):
       logits, state = model.apply(
-          variables, x, train=True, rngs={"dropout": key},
-          mutable=["compression", "batch_stats"])
+          variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
     new_stats = {}
     if batch_stats:
       new_stats = plan.split({"batch_stats": state["batch_stats"]})[0][
           "batch_stats"]
-    return loss, (logits, new_stats, state.get("compression", {}))
+    return loss, (logits, new_stats, state.get(lvf.ASI_COLLECTION, {}),
+                  state.get("compression", {}))
 
   def train_step(state, frozen, images, labels, capacities=None):
-    x = models.preprocess(images, image_size)
+    x = (images if image_size is None
+         else models.preprocess(images, image_size))
     key = jax.random.fold_in(base_key, state["step"])
+    if asi and not state.get("asi_state"):
+      raise ValueError("the plan runs ASI: state['asi_state'] must hold its "
+                       "factors (from init_asi_state)")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, batch_stats, compression)), grads = grad_fn(
-        state["params"], state["batch_stats"], frozen, x, labels, key,
-        capacities)
+    (loss, (logits, batch_stats, asi_state, compression)), grads = grad_fn(
+        state["params"], state["batch_stats"], state.get("asi_state", {}),
+        frozen, x, labels, key, capacities)
     updates, opt_state = tx.update(grads, state["opt_state"],
                                    state["params"])
     new_state = {
@@ -254,6 +299,8 @@ def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int,
         "batch_stats": batch_stats,
         "opt_state": opt_state,
     }
+    if "asi_state" in state:
+      new_state["asi_state"] = asi_state
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -263,6 +310,50 @@ def make_train_step(model, plan: lvr.Plan, tx, seed: int, image_size: int,
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else (),
                  static_argnames="capacities")
+
+
+def initial_state(trained, tx, asi_state=None) -> dict:
+  """The training state of :func:`make_train_step` before the first step.
+
+  Args:
+    trained: The trained variables (``plan.split(variables)[0]``).
+    tx: The optimizer.
+    asi_state: From :func:`init_asi_state` (``{}`` when no layer runs ASI).
+  """
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": trained["params"],
+      "batch_stats": trained.get("batch_stats", {}),
+      "opt_state": tx.init(trained["params"]),
+      "asi_state": {} if asi_state is None else asi_state,
+  }
+
+
+def final_variables(plan: lvr.Plan, state, frozen) -> dict:
+  """The model's variables after training (for evaluation)."""
+  return plan.merge({"params": state["params"],
+                     "batch_stats": state["batch_stats"]}, frozen)
+
+
+def run_step(train_step, controller, state, frozen, images, labels,
+             max_tries: int = 4):
+  """One training step; ``(state, metrics)`` with concrete metrics.
+
+  With a :class:`lv.RankController`, the step runs at ``controller.key()``
+  and is recomputed from the same ``state`` (so ``train_step`` must not
+  donate it) while the controller reports that some layer needed more than
+  its capacity, at most ``max_tries`` times.
+  """
+  if controller is None:
+    state, metrics = train_step(state, frozen, images, labels)
+    return state, jax.device_get(metrics)
+  for _ in range(max_tries):
+    new_state, metrics = train_step(state, frozen, images, labels,
+                                    capacities=controller.key())
+    metrics = jax.device_get(metrics)
+    if not controller.observe(metrics["stats"]):
+      break
+  return new_state, metrics
 
 
 def _save_controller(controller, path_pattern: str, step: int) -> None:
@@ -359,12 +450,8 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
   plan = lvr.make_plan(layers, make_rules(args, layers, spec, settings))
   trained, frozen = plan.split(variables)
   tx = make_optimizer(args)
-  state = {
-      "step": jnp.zeros((), jnp.int32),
-      "params": trained["params"],
-      "batch_stats": trained.get("batch_stats", {}),
-      "opt_state": tx.init(trained["params"]),
-  }
+  state = initial_state(trained, tx, init_asi_state(
+      model, plan, variables, jax.ShapeDtypeStruct(shape, jnp.float32)))
   setup_time = time.perf_counter() - t0
 
   options = ocp.CheckpointManagerOptions(
@@ -419,17 +506,9 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
                                                    args.seed),
                                args.image_size)
     t = time.perf_counter()
-    if controller is None:
-      state, metrics = compiled(state, frozen, images, labels)
-      metrics = jax.device_get(metrics)
-    else:   # recompute a step whose needs exceeded a capacity
-      for _ in range(4):
-        new_state, metrics = train_step(state, frozen, images, labels,
-                                        capacities=controller.key())
-        metrics = jax.device_get(metrics)
-        if not controller.observe(metrics["stats"]):
-          break
-      state = new_state
+    state, metrics = run_step(compiled if controller is None else
+                              train_step, controller, state, frozen, images,
+                              labels)
     dt = time.perf_counter() - t
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
@@ -463,8 +542,7 @@ def train_one(args, method: str, splits, workdir: str, log=print) -> dict:
   manager.wait_until_finished()
 
   t2 = time.perf_counter()
-  final = plan.merge({"params": state["params"],
-                      "batch_stats": state["batch_stats"]}, frozen)
+  final = final_variables(plan, state, frozen)
   accuracy = evaluate(make_eval_step(model, args.image_size), final, test,
                       args)
   eval_time = time.perf_counter() - t2
