@@ -53,8 +53,12 @@ def _load(results: str, part: str):
 
 def _stamp(result) -> str:
   e = result["environment"]
-  partial = (" **Partial: the run stopped before every cell was measured.**"
+  partial = ("**Partial: the run stopped before every cell was measured.** "
              if result.get("partial") else "")
+  if result.get("resumed_runs"):
+    partial += (f"{result['resumed_runs']} runs kept from an earlier, "
+                "interrupted run (`--resume`); the time below is the "
+                "resumed run's. ")
   return partial + (f"Measured {e['date']} on {e['machine']} ({e['device']}), jax "
           f"{e['jax']}, flax {e['flax']}, in {result['wall_s'] / 60:.0f} min; "
           f"command: `{result['command']}`.")
@@ -91,7 +95,15 @@ def memory_section(result) -> list[str]:
       "trained part alone (input: the cached features), and its saving "
       "against vanilla's;",
       "- **XLA whole**: temp bytes of the compiled step of the whole "
-      "network from the images.", ""]
+      "network from the images.", "",
+      "XLA's temp bytes are the peak of all live buffers, so they include "
+      "transient working memory (the frozen layers' outputs, the backward's "
+      "gradients, a method's own workspace), not only the saved residuals. "
+      "The saving column is therefore what a compiled step really gains; a "
+      "negative saving means the method's transient buffers outweigh what "
+      "it saves at this depth. The whole-network figure is set by the "
+      "frozen prefix's high-resolution layers, whose transients are larger "
+      "than everything the last layers save, at least on the CPU.", ""]
   by_model = defaultdict(list)
   for c in result["cells"]:
     by_model[c["model"]].append(c)
@@ -147,7 +159,14 @@ def accuracy_section(result, results_dir) -> list[str]:
       f"{s['dataset']} at {s['image_size']} px, batch {s['batch']}, "
       f"{s['steps']} steps, {s['optimizer']}; top-1 on {s['eval_examples']} "
       "test images, mean ± std over seeds (n in brackets), and the analytic "
-      "peak activation memory (MiB, mean over seeds). " + _stamp(result), ""]
+      "peak activation memory (MiB, mean over seeds). For k ≤ 4 the frozen "
+      "prefix is computed once per image and shared by all runs "
+      "(`experiments/cached_features.py`; the arithmetic is the whole "
+      "network's); k = all trains every conv layer from the images"
+      + (f" ({result['setting']['all_seeds']} seed(s), methods "
+         f"{', '.join(result['setting']['all_methods'])}: slow on a CPU)"
+         if "all_methods" in result["setting"] else "") + ". "
+      + _stamp(result), ""]
   groups = _group(result["runs"])
   methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
   ks = list(dict.fromkeys(r["k"] for r in result["runs"]))
@@ -355,6 +374,20 @@ def speed_section(result) -> list[str]:
     if "setting" in sec:
       lines += [f"Setting: {sec['setting']}.", ""]
     lines += _speed_table(sec["rows"]) + [""]
+  lines += [
+      "- At a fixed capacity ε does not change the work (it only masks "
+      "components), so the two ε rows of a method differ by noise.",
+      "- Where HOSVD lands against the paper's slowdown: mode Grams and "
+      "`eigh` instead of SVDs of the unfoldings, ranks chosen on the device "
+      "with no host round trip, and a backward in the rank spaces.",
+      "- In the whole step the frozen forward pass over the early, "
+      "high-resolution layers dominates, so every method lands near 1.",
+      "- Only the device named above was measured: a GPU row needs a rerun "
+      "on a machine with one (`python experiments/paper_benchmarks.py speed "
+      "page`).",
+      "- On a shared CPU set `OPENBLAS_NUM_THREADS=1`: OpenBLAS's spinning "
+      "threads made one 320×320 `eigh` take 2.7 s instead of 9 ms under "
+      "contention.", ""]
   return lines
 
 

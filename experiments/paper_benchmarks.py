@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--all-methods", default="vanilla,gradfilter R2,"
                  "SVD ε=0.9,HOSVD ε=0.8,HOSVD ε=0.9",
                  help="methods run at k = all")
+  p.add_argument("--resume", action="store_true",
+                 help="accuracy: keep the runs already in <results>/"
+                 "accuracy.json (same method, k and seed) and run the rest")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--image-size", type=int, default=96)
@@ -255,7 +258,7 @@ def finetune(net: Net, settings, k: int, seed: int, batches, hp,
       (len(batches[0][1]), net.image_size, net.image_size, 3), jnp.float32))
   state = train.initial_state(trained, tx, train.init_asi_state(
       net.tail if cached else net.model, plan, net.variables, x0))
-  method = (settings or {}).get("method")
+  method = settings["method"]
   controller = (lv.RankController(patience=hp.rank_patience,
                                   headroom=hp.rank_headroom)
                 if method in ("hosvd", "svd") else None)
@@ -273,7 +276,7 @@ def finetune(net: Net, settings, k: int, seed: int, batches, hp,
       raise FloatingPointError(f"non-finite loss {loss}")
     rows.append({"loss": loss, "step_time_s": dt,
                  **train.stats_row(metrics["stats"])})
-  log(f"  {net.name} k={k} {method or 'vanilla'} seed {seed}: "
+  log(f"  {net.name} k={k} {method} seed {seed}: "
       f"{len(rows)} steps, last loss {rows[-1]['loss']:.3f}")
   return Run(plan, state, frozen, rows, controller, step_fn, tx, cached)
 
@@ -320,8 +323,6 @@ def selected_methods(args) -> dict[str, Any]:
 
 def _supported(settings) -> str | None:
   """Why a method cannot run through the Flax adapters here, or None."""
-  if settings is None:
-    return None
   try:
     lvf.conv_cls(**settings)
   except (TypeError, ValueError) as e:
@@ -407,6 +408,13 @@ def part_accuracy(args, splits, save, log=print) -> dict:
   order = ([(seed, k) for seed in range(args.seeds) for k in ks
             if k != "all"] + [(seed, "all") for seed in range(args.all_seeds)
                               if "all" in ks])
+  done = {}
+  previous = os.path.join(args.results, "accuracy.json")
+  if args.resume and os.path.exists(previous):
+    with open(previous) as f:
+      done = {(r["method"], r["k"], r["seed"]): r
+              for r in json.load(f)["runs"] if "skipped" not in r}
+    log(f"  resuming: {len(done)} runs already measured")
   batches = {}
   for seed, k_text in order:
     k = net.k_all() if k_text == "all" else int(k_text)
@@ -414,6 +422,9 @@ def part_accuracy(args, splits, save, log=print) -> dict:
       if k_text == "all" and label not in all_methods:
         continue
       cell = {"k": k_text, "method": label, "seed": seed}
+      if (label, k_text, seed) in done:
+        runs.append(done[label, k_text, seed])
+        continue
       why = _supported(settings)
       if why:
         runs.append({**cell, "skipped": why})
@@ -443,14 +454,15 @@ def part_accuracy(args, splits, save, log=print) -> dict:
       cell.update({"accuracy": accuracy, "layers": k,
                    "wall_s": time.perf_counter() - t0,
                    "final_loss": run.rows[-1]["loss"]})
-      if seed == 0 and k_text == "4" and settings and settings.get(
-          "method") == "hosvd":
+      if seed == 0 and k_text == "4" and settings["method"] == "hosvd":
         cell["ranks_per_step"] = {
             p: [r["ranks"][p] for r in run.rows]
             for p in run.plan.compressed_paths}
       runs.append(cell)
       save(accuracy_result(args, net, hp, eval_feats, all_methods, runs))
-  return accuracy_result(args, net, hp, eval_feats, all_methods, runs)
+  result = accuracy_result(args, net, hp, eval_feats, all_methods, runs)
+  result["resumed_runs"] = len(done)
+  return result
 
 
 def accuracy_result(args, net, hp, eval_feats, all_methods, runs) -> dict:
