@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from lowrank_vjp._src.batchnorm import FrozenBatchNorm as FrozenBatchNorm
-from lowrank_vjp._src.flax_adapters import ASI_COLLECTION as ASI_COLLECTION
-from lowrank_vjp._src.flax_adapters import COLLECTION as COLLECTION
-from lowrank_vjp._src.flax_adapters import (
+from lowrank_vjp._src.layers.batchnorm import FrozenBatchNorm as FrozenBatchNorm
+from lowrank_vjp._src.flax.linen import ASI_COLLECTION as ASI_COLLECTION
+from lowrank_vjp._src.flax.linen import COLLECTION as COLLECTION
+from lowrank_vjp._src.flax.linen import (
     AsiConvGeneralDilated as AsiConvGeneralDilated,
 )
-from lowrank_vjp._src.flax_adapters import (
+from lowrank_vjp._src.flax.linen import (
     CompressedConvGeneralDilated as CompressedConvGeneralDilated,
 )
-from lowrank_vjp._src.flax_adapters import (
+from lowrank_vjp._src.flax.linen import (
     CompressedDotGeneral as CompressedDotGeneral,
 )
-from lowrank_vjp._src.flax_adapters import collect_stats as collect_stats
-from lowrank_vjp._src.flax_adapters import conv_cls as conv_cls
-from lowrank_vjp._src.flax_adapters import dense_cls as dense_cls
+from lowrank_vjp._src.flax.linen import collect_stats as collect_stats
+from lowrank_vjp._src.flax.linen import conv_cls as conv_cls
+from lowrank_vjp._src.flax.linen import dense_cls as dense_cls
 
 __all__ = (
     "ASI_COLLECTION",

@@ -17,14 +17,14 @@ Example::
     ...
 """
 
-from lowrank_vjp._src.rules import Layer as Layer
-from lowrank_vjp._src.rules import Plan as Plan
-from lowrank_vjp._src.rules import Rule as Rule
-from lowrank_vjp._src.rules import discover as discover
-from lowrank_vjp._src.rules import fine_tune_last as fine_tune_last
-from lowrank_vjp._src.rules import last_k as last_k
-from lowrank_vjp._src.rules import make_plan as make_plan
-from lowrank_vjp._src.rules import plan as plan
+from lowrank_vjp._src.finetune.rules import Layer as Layer
+from lowrank_vjp._src.finetune.rules import Plan as Plan
+from lowrank_vjp._src.finetune.rules import Rule as Rule
+from lowrank_vjp._src.finetune.rules import discover as discover
+from lowrank_vjp._src.finetune.rules import fine_tune_last as fine_tune_last
+from lowrank_vjp._src.finetune.rules import last_k as last_k
+from lowrank_vjp._src.finetune.rules import make_plan as make_plan
+from lowrank_vjp._src.finetune.rules import plan as plan
 
 __all__ = (
     "Layer",

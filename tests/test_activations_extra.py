@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import activations
+from lowrank_vjp._src.layers import activations as activations
 
 PAIRS = {
     "hard_swish": (lv.hard_swish, jax.nn.hard_swish),

@@ -6,7 +6,8 @@ import numpy as np
 from jax import lax
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import asi, decompositions
+from lowrank_vjp._src.methods import asi as asi
+from lowrank_vjp._src.tensor import hosvd as decompositions
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import budget
+from lowrank_vjp._src.control import budget as budget
 
 KW = dict(window_strides=(1, 1), padding="SAME",
           dimension_numbers=("NHWC", "HWIO", "NHWC"))

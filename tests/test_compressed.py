@@ -20,7 +20,8 @@ import skimage.data
 from jax import lax
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import conv_rule, decompositions
+from lowrank_vjp._src.ops import conv_tucker as conv_rule
+from lowrank_vjp._src.tensor import hosvd as decompositions
 
 DN = ("NHWC", "HWIO", "NHWC")
 KW = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN)

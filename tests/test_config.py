@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lowrank_vjp as lv
-from lowrank_vjp._src.config import CompressionConfig
+from lowrank_vjp._src.methods.base import CompressionConfig
 
 
 def test_defaults_are_valid_and_hashable():

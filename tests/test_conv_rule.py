@@ -29,9 +29,10 @@ from jax import lax
 from jax.test_util import check_grads
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import config as config_lib
-from lowrank_vjp._src import conv_rule, decompositions
-from lowrank_vjp._src import conv_spec as conv_spec_lib
+from lowrank_vjp._src.methods import base as config_lib
+from lowrank_vjp._src.ops import conv_tucker as conv_rule
+from lowrank_vjp._src.tensor import hosvd as decompositions
+from lowrank_vjp._src.ops import conv as conv_spec_lib
 
 SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 NHWC = ("NHWC", "HWIO", "NHWC")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import config as config_lib
-from lowrank_vjp._src import decompositions
+from lowrank_vjp._src.methods import base as config_lib
+from lowrank_vjp._src.tensor import hosvd as decompositions
 
 # An axis larger than the product of the others goes through the dual Gram.
 SHAPES = [(4, 5, 6), (3, 4, 5, 6), (2, 3, 50), (50, 3, 2), (6, 1, 7), (8, 9)]

@@ -16,8 +16,9 @@ from jax import lax
 from jax.test_util import check_grads
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import config as config_lib
-from lowrank_vjp._src import decompositions, dense_rule
+from lowrank_vjp._src.methods import base as config_lib
+from lowrank_vjp._src.ops import dot as dense_rule
+from lowrank_vjp._src.tensor import hosvd as decompositions
 
 TOL = {"float32": 1e-4, "float64": 1e-10}
 METHODS = ("hosvd", "svd")

@@ -15,7 +15,7 @@ from flax import nnx
 
 import lowrank_vjp as lv
 import lowrank_vjp.flax as lvf
-from lowrank_vjp._src import decompositions
+from lowrank_vjp._src.tensor import hosvd as decompositions
 
 FULL = dict(method="hosvd", eps=1.0)
 LOSSY = dict(method="hosvd", eps=0.5, rank_fraction=0.5, on_overflow="ignore")

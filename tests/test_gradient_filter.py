@@ -21,8 +21,8 @@ import pytest
 from jax import lax
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import conv_spec
-from lowrank_vjp._src import gradient_filter
+from lowrank_vjp._src.ops import conv as conv_spec
+from lowrank_vjp._src.methods import gradfilter as gradient_filter
 
 # ------------------------------------------------- NumPy transcription ---
 

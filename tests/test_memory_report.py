@@ -16,7 +16,7 @@ from jax import lax
 import lowrank_vjp as lv
 import lowrank_vjp.flax as lvf
 import lowrank_vjp.rules as lvr
-from lowrank_vjp._src import layer_log
+from lowrank_vjp._src.measure import layer_log as layer_log
 
 DN = ("NHWC", "HWIO", "NHWC")
 _EXPERIMENT = os.path.join(os.path.dirname(__file__), os.pardir,

@@ -11,8 +11,8 @@ import pytest
 from jax import lax
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import packing
-from lowrank_vjp._src import quantized
+from lowrank_vjp._src.tensor import packing as packing
+from lowrank_vjp._src.methods import quant as quantized
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import lowrank_vjp as lv
-from lowrank_vjp._src import decompositions, residuals
+from lowrank_vjp._src.tensor import hosvd as decompositions
+from lowrank_vjp._src.tensor import tucker as residuals
 
 
 def _residual(shape, ranks, core_dtype=jnp.float32, factor_dtype=jnp.float32):

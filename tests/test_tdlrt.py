@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from lowrank_vjp import tdlrt as lt
-from lowrank_vjp._src import tdlrt as tdlrt_src
-from lowrank_vjp._src import tucker_weight as tw
+from lowrank_vjp._src.tdlrt import step as tdlrt_src
+from lowrank_vjp._src.tdlrt import weight as tw
 
 
 def _regression(shape, key=0, n=32, dtype=jnp.float32, target_ranks=None):

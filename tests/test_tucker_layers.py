@@ -11,8 +11,8 @@ from jax import lax
 
 import lowrank_vjp as lv
 from lowrank_vjp import tdlrt as lt
-from lowrank_vjp._src import tucker_layers
-from lowrank_vjp._src import tucker_weight as tw
+from lowrank_vjp._src.tdlrt import layers as tucker_layers
+from lowrank_vjp._src.tdlrt import weight as tw
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from lowrank_vjp._src.activations import relu6
+from lowrank_vjp._src.layers.activations import relu6
 from lowrank_vjp.models import _layers
 
 # (in, out, kernel, stride, expand_ratio, mid_channels, identity shortcut)

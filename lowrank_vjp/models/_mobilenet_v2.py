@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from lowrank_vjp._src.activations import relu6
+from lowrank_vjp._src.layers.activations import relu6
 from lowrank_vjp.models import _layers
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from lowrank_vjp._src.activations import relu
+from lowrank_vjp._src.layers.activations import relu
 from lowrank_vjp.models import _layers
 
 

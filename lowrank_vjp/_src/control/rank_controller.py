@@ -1,0 +1,257 @@
+"""Static rank capacities that follow ε across a run: ladder, hysteresis, scope.
+
+Under ``jax.jit`` a layer's rank capacity is a static shape. The
+:class:`RankController` runs outside jit: each step it reads the ranks every
+layer needed (their :class:`CompressionStats`), and moves each layer's
+capacity on a coarse :class:`RankLadder` — up at once when ε needed more
+(that step is reported for a redo), down only after the need has stayed a
+rung lower for ``patience`` steps. Few distinct capacity settings means few
+compiles; a revisited setting hits jit's cache.
+
+Capacities reach the layers through :func:`rank_capacities`, a scope read at
+trace time by the Flax adapters (by module path). Pass the controller's
+:meth:`RankController.key` as a static argument of the jitted step and open
+the scope inside the step, so that a new setting compiles a new program::
+
+  @functools.partial(jax.jit, static_argnames="capacities")
+  def grads(params, batch, capacities):
+    with lv.rank_capacities(capacities):
+      (loss, state), g = jax.value_and_grad(loss_fn, has_aux=True)(...)
+    return g, state["compression"]
+
+  controller = lv.RankController()
+  while True:
+    g, sown = grads(params, batch, capacities=controller.key())
+    if not controller.observe(lvf.collect_stats(sown)):
+      break            # every layer kept >= eps: apply g
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+
+from lowrank_vjp._src.methods import base as config_lib
+from lowrank_vjp._src.tensor import tucker as residuals
+
+Capacity = tuple[int | None, ...]
+CapacityKey = tuple[tuple[str, Capacity], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankLadder:
+  """The coarse set of values a capacity may take.
+
+  Rungs are the powers of two and their halfway points,
+  ``1, 2, 3, 4, 6, 8, 12, 16, 24, 32, …`` (consecutive rungs differ by a
+  factor 1.33 or 1.5), capped at the axis's rank bound, which is always a
+  rung.
+
+  Attributes:
+    minimum: Smallest rung used (a floor for every capacity).
+  """
+
+  minimum: int = 1
+
+  def __post_init__(self):
+    if isinstance(self.minimum, bool) or not isinstance(
+        self.minimum, int) or self.minimum < 1:
+      raise ValueError(f"minimum must be a positive int, got "
+                       f"{self.minimum!r}.")
+
+  def rungs(self, bound: int) -> tuple[int, ...]:
+    """All rungs up to and including ``bound``."""
+    out, k = set(), 1
+    while k < bound:
+      out.update(r for r in (k, 3 * k // 2) if self.minimum <= r < bound)
+      k *= 2
+    return tuple(sorted(out)) + (int(bound),)
+
+  def fit(self, need: int, bound: int) -> int:
+    """The smallest rung that holds ``need`` components."""
+    for r in self.rungs(bound):
+      if r >= need:
+        return r
+    return int(bound)
+
+
+def _rank_bound(shape, axis):
+  size = math.prod(shape)
+  return max(1, min(shape[axis], size // max(shape[axis], 1)))
+
+
+@dataclasses.dataclass
+class _LayerState:
+  capacity: Capacity
+  below: list[int]         # consecutive steps each mode fit a lower rung
+  window_max: list[int]    # largest need per mode during that streak
+
+
+class RankController:
+  """Chooses every layer's static rank capacity from the ranks ε needed.
+
+  Args:
+    ladder: Values capacities may take.
+    patience: Steps a mode's need must stay below its capacity's rung before
+      the capacity shrinks (hysteresis).
+    headroom: Grow to the rung holding ``ceil(headroom × need)``; ``> 1``
+      anticipates drift and saves recompiles.
+
+  Attributes:
+    capacities: Current capacity per layer name.
+    history: One ``{layer: capacity}`` per distinct setting used, in order;
+      ``len(history)`` is the number of compiles a jitted step needs.
+    redos: Steps that overflowed and were reported for a redo.
+  """
+
+  def __init__(self, ladder: RankLadder | None = None, patience: int = 50,
+               headroom: float = 1.0):
+    if patience < 1:
+      raise ValueError(f"patience must be >= 1, got {patience!r}.")
+    if headroom < 1.0:
+      raise ValueError(f"headroom must be >= 1, got {headroom!r}.")
+    self.ladder = ladder or RankLadder()
+    self.patience = int(patience)
+    self.headroom = float(headroom)
+    self._layers: dict[str, _LayerState] = {}
+    self.history: list[dict[str, Capacity]] = []
+    self.redos = 0
+    self._seen: set[CapacityKey] = set()
+
+  @property
+  def capacities(self) -> dict[str, Capacity]:
+    return {k: v.capacity for k, v in self._layers.items()}
+
+  def key(self) -> CapacityKey | None:
+    """Hashable capacities for a static jit argument (None before any step).
+
+    Before the first :meth:`observe` the layers run at their configured
+    default capacity; the first observation then sets every layer from what
+    it needed.
+    """
+    if not self._layers:
+      return None
+    return tuple(sorted(self.capacities.items()))
+
+  def observe(self, stats: Mapping[str, residuals.CompressionStats]) -> bool:
+    """Updates capacities from one step's statistics.
+
+    Args:
+      stats: Layer name to concrete :class:`CompressionStats` (stacked stats
+        of several calls are reduced by max).
+
+    Returns:
+      True when some layer needed more than its capacity on this step (it
+      kept less than ε): its capacity has been raised, and the step should be
+      recomputed with :meth:`key` before its update is applied.
+    """
+    overflow = False
+    for name, s in stats.items():
+      needed = np.asarray(jax.device_get(s.needed_ranks)).reshape(
+          -1, len(s.shape)).max(axis=0)
+      kept = np.asarray(jax.device_get(s.kept_ranks)).reshape(
+          -1, len(s.shape)).min(axis=0)
+      layer = self._layers.get(name)
+      if layer is None:
+        cap = tuple(
+            None if c is None else self._grow_to(int(n), s.shape, a)
+            for a, (c, n) in enumerate(zip(s.capacity, needed)))
+        self._layers[name] = _LayerState(cap, [0] * len(cap), [0] * len(cap))
+        overflow |= bool(np.any(needed > kept))
+        continue
+      cap = list(layer.capacity)
+      for a, c in enumerate(cap):
+        if c is None:
+          continue
+        need = int(needed[a])
+        bound = _rank_bound(s.shape, a)
+        if need > c or need > int(kept[a]):
+          cap[a] = max(c, self._grow_to(need, s.shape, a))
+          layer.below[a], layer.window_max[a] = 0, 0
+          overflow = True
+        elif self.ladder.fit(need, bound) < c:
+          layer.below[a] += 1
+          layer.window_max[a] = max(layer.window_max[a], need)
+          if layer.below[a] >= self.patience:
+            cap[a] = self._grow_to(layer.window_max[a], s.shape, a)
+            layer.below[a], layer.window_max[a] = 0, 0
+        else:
+          layer.below[a], layer.window_max[a] = 0, 0
+      layer.capacity = tuple(cap)
+    key = self.key()
+    if key not in self._seen:
+      self._seen.add(key)
+      self.history.append(dict(key))
+    self.redos += int(overflow)
+    return overflow
+
+  def state_dict(self) -> dict:
+    """Everything the controller has learned, as JSON-compatible data.
+
+    Save it with a training checkpoint: a resumed run that restores it
+    (:meth:`load_state_dict`) makes the same capacity decisions, so it
+    reproduces the uninterrupted run exactly.
+    """
+    return {
+        "layers": {k: {"capacity": list(v.capacity), "below": list(v.below),
+                       "window_max": list(v.window_max)}
+                   for k, v in self._layers.items()},
+        "history": [{k: list(c) for k, c in h.items()} for h in self.history],
+        "redos": self.redos,
+    }
+
+  def load_state_dict(self, state: dict) -> None:
+    """Restores what :meth:`state_dict` returned."""
+    self._layers = {
+        k: _LayerState(tuple(v["capacity"]), list(v["below"]),
+                       list(v["window_max"]))
+        for k, v in state["layers"].items()}
+    self.history = [{k: tuple(c) for k, c in h.items()}
+                    for h in state["history"]]
+    self._seen = {tuple(sorted(h.items())) for h in self.history}
+    self.redos = int(state["redos"])
+
+  def _grow_to(self, need: int, shape, axis) -> int:
+    bound = _rank_bound(shape, axis)
+    return self.ladder.fit(min(bound, math.ceil(need * self.headroom)), bound)
+
+
+_SCOPE = threading.local()
+
+
+@contextlib.contextmanager
+def rank_capacities(
+    capacities: Mapping[str, Capacity] | CapacityKey | None
+) -> Iterator[None]:
+  """Sets per-layer rank capacities for the compressed layers traced inside.
+
+  Read at trace time by the Flax adapters, keyed by module path (the keys of
+  :func:`lowrank_vjp.flax.collect_stats`). Layers without an entry keep their
+  own configuration. Open it inside the jitted function and pass the
+  capacities as a static argument (see the module docstring).
+
+  Args:
+    capacities: ``{layer: capacity}``, a :meth:`RankController.key`, or None
+      (no override).
+  """
+  previous = getattr(_SCOPE, "value", None)
+  _SCOPE.value = None if capacities is None else dict(capacities)
+  try:
+    yield
+  finally:
+    _SCOPE.value = previous
+
+
+def configured(config: config_lib.CompressionConfig,
+               layer: str) -> config_lib.CompressionConfig:
+  """``config`` with the capacity the current scope sets for ``layer``."""
+  scope = getattr(_SCOPE, "value", None)
+  if not scope or layer not in scope or config.method not in ("hosvd", "svd"):
+    return config
+  return dataclasses.replace(config, ranks=tuple(scope[layer]))

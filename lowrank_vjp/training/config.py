@@ -1,0 +1,92 @@
+"""The settings of a fine-tuning job: one frozen, hashable dataclass.
+
+:class:`TrainConfig` holds what ``experiments/train.py``'s flags set (its
+fields are the flags' destinations, so ``TrainConfig(**vars(args))`` reads
+them, and the flags take their defaults from it). Other experiments start
+from it for train.py's optimizer, schedule and rank control.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """How to fine-tune the last layers of a pretrained classifier.
+
+  Attributes:
+    model: A name of :data:`lowrank_vjp.models.MODELS`.
+    weights: ImageNet ``.pth`` file; ``"auto"``: the offline file if the
+      model has one (else random init, with a warning); ``"none"``.
+    method: Comma-separated runs: ``"vanilla"`` or any method of
+      :func:`lowrank_vjp.flax.conv_cls`; each run is one method.
+    eps: Explained variance kept (methods that use it).
+    method_kwargs: JSON of further settings for the compressed layers.
+    layers: ``k`` (fine-tune the last k conv layers, counted as the papers
+      do) or a regex of module paths.
+    train_bn: Train the BatchNorms of the fine-tuned layers.
+    dataset: ``"auto"``, ``"debian_fashion_mnist"``, ``"sklearn_digits"``
+      or any tfds dataset prepared in ``data_dir``.
+    data_dir: tfds data directory.
+    steps: Training steps.
+    batch_size: Training batch size.
+    image_size: Side of the model's input images.
+    optimizer: ``"sgd"`` or ``"adam"``.
+    lr: Peak learning rate of the warm-up cosine schedule.
+    momentum: SGD momentum.
+    weight_decay: Decoupled weight decay (0: off).
+    warmup_steps: Linear warm-up steps.
+    clip_grad_norm: Clip gradients to this global norm (0: off).
+    eval_examples: Test examples evaluated at the end (0: all).
+    eval_batch_size: Evaluation batch size.
+    checkpoint_every: Steps between checkpoints.
+    rank_control: ``"redo"`` (a :class:`lowrank_vjp.RankController` moves
+      the capacities and recomputes overflowing steps) or ``"off"``.
+    rank_patience: Steps before a capacity may shrink.
+    rank_headroom: Grow a capacity to the rung holding headroom × need.
+    workdir: Output directory.
+    seed: Seed of initialisation, batches and dropout.
+    no_progress: No progress bar.
+    fresh: Delete earlier checkpoints and metrics instead of resuming.
+    interrupt_at: Stop after this step as if preempted (tests).
+
+  Example:
+    >>> config = TrainConfig(steps=2, batch_size=4, image_size=32)
+    >>> config.optimizer, config.lr
+    ('sgd', 0.01)
+  """
+
+  model: str = "mobilenet_v2"
+  weights: str = "auto"
+  method: str = "vanilla,hosvd"
+  eps: float = 0.8
+  method_kwargs: str = "{}"
+  layers: str = "4"
+  train_bn: bool = False
+  dataset: str = "auto"
+  data_dir: str | None = None
+  steps: int = 200
+  batch_size: int = 32
+  image_size: int = 96
+  optimizer: str = "sgd"
+  lr: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  warmup_steps: int = 10
+  clip_grad_norm: float = 1.0
+  eval_examples: int = 2000
+  eval_batch_size: int = 100
+  checkpoint_every: int = 100
+  rank_control: str = "redo"
+  rank_patience: int = 100
+  rank_headroom: float = 1.5
+  workdir: str = "workdir"
+  seed: int = 0
+  no_progress: bool = False
+  fresh: bool = False
+  interrupt_at: int | None = None
+
+  def replace(self, **changes) -> TrainConfig:
+    """A copy with ``changes`` (``dataclasses.replace``)."""
+    return dataclasses.replace(self, **changes)

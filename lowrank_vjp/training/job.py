@@ -1,0 +1,171 @@
+"""One fine-tuning run of ``experiments/train.py``: resumable, reported.
+
+:func:`train_one` fine-tunes one method end to end: builds the model and
+plan, compiles the step ahead of time, restores the latest checkpoint if
+there is one, trains with a progress bar (metrics as JSON lines, Orbax
+checkpoints, the rank controller's redo), evaluates and writes
+``report.json``. A re-run in the same ``workdir`` resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import lowrank_vjp.rules as lvr
+from lowrank_vjp.training import evaluation as evaluate_lib
+from lowrank_vjp.training import methods
+from lowrank_vjp.training import metrics as metrics_lib
+from lowrank_vjp.training import report as report_lib
+from lowrank_vjp.training import step as step_lib
+from lowrank_vjp.training.checkpoint import Checkpointer
+from lowrank_vjp.training.config import TrainConfig
+from lowrank_vjp.training.data import Split
+from lowrank_vjp.training.loop import make_controller, run_step
+from lowrank_vjp.training.model import build_model, make_rules
+from lowrank_vjp.training.optim import make_optimizer
+
+
+def _progress(config: TrainConfig, start: int, label: str):
+  if config.no_progress:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=config.steps, initial=start, desc=label, unit="step",
+              dynamic_ncols=True, file=sys.stdout)
+
+
+def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
+              workdir: str,
+              log: Callable[[str], object] = print) -> dict[str, Any]:
+  """Trains and evaluates one method; returns its report.
+
+  Args:
+    config: The job's settings (``config.method`` is not read: ``method``
+      is the run).
+    method: The run's method name (``"vanilla"``, ``"hosvd"``, …).
+    splits: ``{"train": Split, "test": Split}``.
+    workdir: Where ``metrics.jsonl``, ``ckpt/`` and ``report.json`` go.
+    log: Called with progress messages.
+
+  Returns:
+    The report (:func:`~lowrank_vjp.training.make_report`, with
+    ``rank_control`` when a controller ran), or ``{"interrupted_at": step}``
+    when ``config.interrupt_at`` stopped it.
+
+  Raises:
+    FloatingPointError: on a non-finite loss.
+  """
+  settings = methods.settings_for(method, config)
+  label = methods.run_label(method, settings)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "ckpt"))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if config.fresh:
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if os.path.exists(metrics_path):
+      os.remove(metrics_path)
+
+  train, test = splits["train"], splits["test"]
+  num_classes = train.num_classes
+  t0 = time.perf_counter()
+  model, variables, spec, weights = build_model(config, num_classes, log)
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  x_spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+  layers = lvr.discover(model, x_spec, variables=variables, train=True)
+  plan = lvr.make_plan(layers, make_rules(config, layers, spec, settings))
+  trained, frozen = plan.split(variables)
+  tx = make_optimizer(config)
+  state = step_lib.initial_state(trained, tx, step_lib.init_asi_state(
+      model, plan, variables, x_spec))
+  setup_time = time.perf_counter() - t0
+
+  ckpt = Checkpointer(ckpt_dir, every=config.checkpoint_every)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, like=state)
+    log(f"[{label}] resumed from the checkpoint at step {start}")
+  rows = metrics_lib.read_metrics(metrics_path, start)
+  metrics_lib.write_metrics(metrics_path, rows)  # drops rows past the ckpt
+
+  controller = (make_controller(plan, patience=config.rank_patience,
+                                headroom=config.rank_headroom)
+                if config.rank_control == "redo" else None)
+  train_step = step_lib.make_train_step(model, plan, tx, config.seed,
+                                        config.image_size,
+                                        donate=controller is None)
+  ckpt.restore_controller(controller, start)
+  batch = lambda step: train.get(train.batch_indices(
+      step, config.batch_size, config.seed), config.image_size)
+  images, labels = batch(0)
+  t1 = time.perf_counter()
+  compiled = train_step.lower(state, frozen, images, labels).compile()
+  compile_time = time.perf_counter() - t1
+  xla = report_lib.compiled_memory(compiled)
+
+  log(f"[{label}] {config.model}, {len(plan.trainable)} trained layers "
+      f"({len(plan.compressed)} through lowrank_vjp), batch {shape}:\n"
+      + plan.describe())
+  bar = _progress(config, start, label)
+  stop = (config.steps if config.interrupt_at is None
+          else min(config.steps, config.interrupt_at))
+  with metrics_lib.MetricsWriter(metrics_path) as writer:
+    for step in range(start, stop):
+      images, labels = batch(step)
+      t = time.perf_counter()
+      state, metrics = run_step(compiled if controller is None else
+                                train_step, controller, state, frozen, images,
+                                labels)
+      dt = time.perf_counter() - t
+      loss = metrics_lib.check_finite(float(metrics["loss"]),
+                                      f"at step {step} [{label}]")
+      row = {"step": step + 1, "loss": loss,
+             "train_accuracy": float(metrics["accuracy"]),
+             "step_time_s": dt, **metrics_lib.stats_row(metrics["stats"])}
+      rows.append(row)
+      writer.write(row)
+      ckpt.save(step + 1, state, controller=controller)
+      if bar is not None:
+        mem = row["activation_memory_analytic_mib"]
+        bar.set_postfix(loss=f"{loss:.3f}", mem=f"{mem:.2f}MiB")
+        bar.update(1)
+  if bar is not None:
+    bar.close()
+  if stop < config.steps:
+    if ckpt.latest_step() != stop:
+      ckpt.save(stop, state, controller=controller, force=True)
+    ckpt.wait()
+    log(f"[{label}] interrupted at step {stop} (--interrupt-at)")
+    return {"interrupted_at": stop}
+  if ckpt.latest_step() != config.steps:
+    ckpt.save(config.steps, state, controller=controller, force=True)
+  ckpt.wait()
+
+  t2 = time.perf_counter()
+  accuracy = evaluate_lib.evaluate(
+      evaluate_lib.make_eval_step(model, config.image_size),
+      step_lib.final_variables(plan, state, frozen), test,
+      image_size=config.image_size, examples=config.eval_examples,
+      batch_size=config.eval_batch_size)
+  eval_time = time.perf_counter() - t2
+  report = report_lib.make_report(config, label, settings, plan, rows, xla,
+                                  accuracy, weights, compile_time, eval_time,
+                                  setup_time, num_classes)
+  if controller is not None:
+    rc = report["rank_control"] = report_lib.rank_control_report(
+        controller, train_step, rows)
+    log(f"[{label}] rank control: {rc['compiles']} compiles, "
+        f"{controller.redos} redone steps, residual "
+        f"{rc['residual_mib_mean']:.3f} MiB vs eps-optimal "
+        f"{rc['eps_optimal_mib_mean']:.3f} MiB (mean over steps)")
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+

@@ -1,0 +1,153 @@
+"""The training loop's core: one step with the rank controller's redo, and a
+fit over given batches.
+
+With HOSVD or SVD under ``jax.jit`` each layer holds a static capacity; a
+:class:`lowrank_vjp.RankController` moves it with the ranks ε needs. When a
+step needed more than its capacity, :func:`run_step` recomputes it from the
+same state at the grown capacity (so the step must not donate its state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import lowrank_vjp as lv
+import lowrank_vjp.rules as lvr
+from lowrank_vjp.training import methods
+from lowrank_vjp.training import metrics as metrics_lib
+from lowrank_vjp.training import step as step_lib
+from lowrank_vjp.training.config import TrainConfig
+from lowrank_vjp.training.optim import make_optimizer
+
+
+def make_controller(plan: lvr.Plan, *, patience: int, headroom: float
+                    ) -> lv.RankController | None:
+  """A rank controller when ``plan`` compresses with ε-ranks, else None.
+
+  Args:
+    plan: The fine-tuning plan; a controller when one of its compressed
+      layers keeps ε-ranks (:func:`~lowrank_vjp.training.uses_ranks`).
+    patience: Steps before a capacity may shrink (hysteresis).
+    headroom: Grow a capacity to the rung holding headroom × need.
+
+  Returns:
+    A fresh :class:`lowrank_vjp.RankController`, or None.
+  """
+  if not any(methods.uses_ranks(dict(s)) for _, s in plan.compressed):
+    return None
+  return lv.RankController(patience=patience, headroom=headroom)
+
+
+def run_step(train_step, controller: lv.RankController | None, state,
+             frozen, images, labels, max_tries: int = 4):
+  """One training step; ``(state, metrics)`` with concrete metrics.
+
+  With a :class:`lowrank_vjp.RankController`, the step runs at
+  ``controller.key()`` and is recomputed from the same ``state`` (so
+  ``train_step`` must not donate it) while the controller reports that some
+  layer needed more than its capacity, at most ``max_tries`` times.
+
+  Args:
+    train_step: From :func:`~lowrank_vjp.training.make_train_step` (or its
+      compiled form, when ``controller`` is None).
+    controller: The rank controller, or None.
+    state: The training state.
+    frozen: The frozen variables.
+    images: The batch's inputs.
+    labels: The batch's labels.
+    max_tries: Most computations of the step.
+
+  Returns:
+    The new state and the step's metrics on the host.
+  """
+  if controller is None:
+    state, metrics = train_step(state, frozen, images, labels)
+    return state, jax.device_get(metrics)
+  for _ in range(max_tries):
+    new_state, metrics = train_step(state, frozen, images, labels,
+                                    capacities=controller.key())
+    metrics = jax.device_get(metrics)
+    if not controller.observe(metrics["stats"]):
+      break
+  return new_state, metrics
+
+
+@dataclasses.dataclass
+class Run:
+  """A finished :func:`fit`: what it trained and what each step measured.
+
+  Attributes:
+    plan: The fine-tuning plan.
+    state: The final training state.
+    frozen: The frozen variables.
+    rows: Per step: ``loss``, ``step_time_s`` and
+      :func:`~lowrank_vjp.training.stats_row`'s figures.
+    controller: The rank controller, or None.
+    step_fn: The jitted training step.
+    tx: The optimizer.
+    cached: Whether the inputs were cached features.
+  """
+
+  plan: lvr.Plan
+  state: dict
+  frozen: dict
+  rows: list[dict]
+  controller: lv.RankController | None
+  step_fn: Any
+  tx: Any
+  cached: bool
+
+  def capacities(self):
+    """The controller's last capacities (``capacities=`` of the step)."""
+    return None if self.controller is None else self.controller.key()
+
+
+def fit(model, plan: lvr.Plan, variables, batches: Sequence[tuple],
+        config: TrainConfig, *, seed: int, image_size: int | None) -> Run:
+  """Trains ``plan`` on ``batches``: train.py's loop without checkpoints.
+
+  Args:
+    model: The Linen model, or a
+      :class:`~lowrank_vjp.training.cached_features.FromBlock` for cached
+      features.
+    plan: The fine-tuning plan.
+    variables: The model's variables (not modified: the state is a copy).
+    batches: ``[(inputs, labels)]``, one per step.
+    config: The optimizer, schedule and rank control (``steps`` sets the
+      schedule's length).
+    seed: Seed of the dropout keys.
+    image_size: Side of the images, or None when ``batches`` hold features.
+
+  Returns:
+    The :class:`Run`.
+
+  Raises:
+    FloatingPointError: on a non-finite loss.
+  """
+  trained, frozen = plan.split(variables)
+  trained = jax.tree.map(jnp.copy, trained)  # the step donates its state
+  tx = make_optimizer(config)
+  x0 = (batches[0][0] if image_size is None else jax.ShapeDtypeStruct(
+      (len(batches[0][1]), image_size, image_size, 3), jnp.float32))
+  state = step_lib.initial_state(trained, tx, step_lib.init_asi_state(
+      model, plan, variables, x0))
+  controller = make_controller(plan, patience=config.rank_patience,
+                               headroom=config.rank_headroom)
+  step_fn = step_lib.make_train_step(model, plan, tx, seed, image_size,
+                                     donate=controller is None)
+  rows = []
+  for x, labels in batches:
+    t = time.perf_counter()
+    state, metrics = run_step(step_fn, controller, state, frozen, x, labels)
+    dt = time.perf_counter() - t
+    loss = metrics_lib.check_finite(float(metrics["loss"]))
+    rows.append({"loss": loss, "step_time_s": dt,
+                 **metrics_lib.stats_row(metrics["stats"])})
+  return Run(plan, state, frozen, rows, controller, step_fn, tx,
+             image_size is None)

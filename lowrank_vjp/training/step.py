@@ -1,0 +1,178 @@
+"""The jitted training step of a fine-tuning plan, and its state.
+
+``train_step(state, frozen, images, labels, capacities=None) -> (state,
+metrics)`` under ``jax.jit`` with the state donated (Flax's examples' shape,
+with the frozen variables and a :class:`lowrank_vjp.RankController`'s
+capacities beside it). The state is a dict:
+
+* ``"step"``: ``int32[]``;
+* ``"params"``: the trained parameters (``plan.split(variables)[0]``);
+* ``"batch_stats"``: statistics of the trained BatchNorms (``{}`` if none);
+* ``"opt_state"``: the optimizer's state;
+* ``"asi_state"``: the factors of the ASI layers (``{}`` if none).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import lowrank_vjp as lv
+import lowrank_vjp.flax as lvf
+import lowrank_vjp.rules as lvr
+from lowrank_vjp import models
+from lowrank_vjp.training import methods
+
+
+def uses_asi(plan: lvr.Plan) -> bool:
+  """Whether some layer of ``plan`` runs ASI (factors carried as state)."""
+  return any(methods.carries_state(dict(s)) for _, s in plan.compressed)
+
+
+def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
+  """The unstarted ``"asi_state"`` collection of ``plan``'s ASI layers.
+
+  Applies the model once (jitted) under ``plan.intercept()`` to zeros shaped
+  like the model input ``x`` (an array or ``jax.ShapeDtypeStruct``) with the
+  collection mutable. A layer that creates its state stores it unstarted
+  (identity factors, ``started`` False), so the first training step runs
+  ASI's exact HOSVD on its own batch.
+
+  Args:
+    model: The Linen model (or a
+      :class:`~lowrank_vjp.training.cached_features.FromBlock`).
+    plan: The fine-tuning plan.
+    variables: The model's variables.
+    x: The model input, e.g. ``float32[N, S, S, 3]``.
+
+  Returns:
+    The collection; ``{}`` when no layer runs ASI.
+  """
+  if not uses_asi(plan):
+    return {}
+
+  def init(variables):
+    with plan.intercept():
+      _, state = model.apply(
+          variables, jnp.zeros(x.shape, x.dtype), train=True,
+          rngs={"dropout": jax.random.key(0)},
+          mutable=[lvf.ASI_COLLECTION, "batch_stats"])
+    return state.get(lvf.ASI_COLLECTION, {})
+
+  return jax.jit(init)(variables)
+
+
+def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
+                    seed: int, image_size: int | None, donate: bool = True):
+  """``train_step(state, frozen, images, labels, capacities) -> (state, m)``.
+
+  The loss is the mean softmax cross-entropy of the logits against integer
+  labels (per example, or per pixel for ``[N, H, W, classes]`` logits);
+  ``m`` holds ``"loss"``, ``"accuracy"`` (the fraction of correct
+  predictions) and ``"stats"`` (the layers'
+  :class:`lowrank_vjp.CompressionStats`, by module path).
+
+  Args:
+    model: The Linen model (or a
+      :class:`~lowrank_vjp.training.cached_features.FromBlock`).
+    plan: The fine-tuning plan: which layers train, and how they compress.
+    tx: The optimizer.
+    seed: Seed of the dropout keys (folded with the step).
+    image_size: Side of the images for :func:`lowrank_vjp.models.preprocess`;
+      None feeds the inputs to ``model.apply`` as they are (cached
+      features).
+    donate: Donate the state (not when a rank controller may recompute a
+      step from it).
+
+  Returns:
+    The jitted step. ``state`` (see the module docstring) is donated unless
+    ``donate`` is False; ``frozen`` holds the variables that are not
+    differentiated. ``capacities`` (static: one compile per distinct value)
+    is a :meth:`lowrank_vjp.RankController.key`, or None for the configured
+    capacities.
+  """
+  base_key = jax.random.key(seed)
+  asi = uses_asi(plan)
+  mutable = ["compression", "batch_stats"] + ([lvf.ASI_COLLECTION] if asi
+                                              else [])
+
+  def loss_fn(params, batch_stats, asi_state, frozen, x, labels, key,
+              capacities):
+    trained = {"params": params}
+    if batch_stats:
+      trained["batch_stats"] = batch_stats
+    variables = plan.merge(trained, frozen)
+    if asi_state:
+      variables[lvf.ASI_COLLECTION] = asi_state
+    with plan.intercept(), lv.rank_capacities(capacities):
+      logits, state = model.apply(
+          variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+    new_stats = {}
+    if batch_stats:
+      new_stats = plan.split({"batch_stats": state["batch_stats"]})[0][
+          "batch_stats"]
+    return loss, (logits, new_stats, state.get(lvf.ASI_COLLECTION, {}),
+                  state.get("compression", {}))
+
+  def train_step(state, frozen, images, labels, capacities=None):
+    x = (images if image_size is None
+         else models.preprocess(images, image_size))
+    key = jax.random.fold_in(base_key, state["step"])
+    if asi and not state.get("asi_state"):
+      raise ValueError("the plan runs ASI: state['asi_state'] must hold its "
+                       "factors (from init_asi_state)")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (logits, batch_stats, asi_state, compression)), grads = grad_fn(
+        state["params"], state["batch_stats"], state.get("asi_state", {}),
+        frozen, x, labels, key, capacities)
+    updates, opt_state = tx.update(grads, state["opt_state"],
+                                   state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+    }
+    if "asi_state" in state:
+      new_state["asi_state"] = asi_state
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "stats": lvf.collect_stats({"compression": compression}),
+    }
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (),
+                 static_argnames="capacities")
+
+
+def initial_state(trained, tx: optax.GradientTransformation,
+                  asi_state=None) -> dict[str, Any]:
+  """The training state of :func:`make_train_step` before the first step.
+
+  Args:
+    trained: The trained variables (``plan.split(variables)[0]``).
+    tx: The optimizer.
+    asi_state: From :func:`init_asi_state` (``{}`` when no layer runs ASI).
+
+  Returns:
+    The state (see the module docstring), at step 0.
+  """
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": trained["params"],
+      "batch_stats": trained.get("batch_stats", {}),
+      "opt_state": tx.init(trained["params"]),
+      "asi_state": {} if asi_state is None else asi_state,
+  }
+
+
+def final_variables(plan: lvr.Plan, state, frozen) -> dict:
+  """The model's variables after training (for evaluation)."""
+  return plan.merge({"params": state["params"],
+                     "batch_stats": state["batch_stats"]}, frozen)
