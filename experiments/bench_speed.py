@@ -12,10 +12,11 @@ Two sections, each printing every method's ratio to vanilla:
 * ``step``: a whole fine-tuning train step of MobileNetV2 at 224×224, batch
   64, 10 classes, random initialisation: the last four convolutions (and the
   classifier) trained through ``lowrank_vjp.rules``, the rest frozen, SGD —
-  train.py's own ``make_train_step`` and ``make_optimizer``, jitted with the
-  state donated. hosvd/svd run at their default capacity (train.py's
-  ``--rank-control off``); ASI at its default ranks (a quarter of each axis),
-  its factors carried from step to step.
+  train.py's own ``make_train_step`` and ``make_optimizer``
+  (``lowrank_vjp.training``), jitted with the state donated. hosvd/svd run
+  at their default capacity (train.py's ``--rank-control off``); ASI at its
+  default ranks (a quarter of each axis), its factors carried from step to
+  step.
 
 At a fixed capacity the work does not depend on ε (ε only masks
 components), so the ε rows differ only by noise — both are printed to show
@@ -33,9 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import sys
 import time
 
 import jax
@@ -44,6 +43,8 @@ import numpy as np
 from jax import lax
 
 import lowrank_vjp as lv
+import lowrank_vjp.rules as lvr
+from lowrank_vjp import models, training
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (in channels, out channels, kernel, groups) of the last four convs.
@@ -61,30 +62,42 @@ def make_weights(key):
 
 
 def make_loss(method, eps):
-  if method == "vanilla":
-    convs = [lax.conv_general_dilated] * len(LAYERS)
-  elif method == "asi":
-    convs = None
-  else:
-    convs = [lv.compressed_conv(method=method, eps=eps, on_overflow="ignore")
-             ] * len(LAYERS)
+  settings = training.method_settings(method, eps=eps)
+  stateful = training.carries_state(settings)
+  conv = (lax.conv_general_dilated if training.is_vanilla(method)
+          else lv.compressed_conv(**settings))
 
   def loss(ws, x, states=None):
     new_states = []
     for i, (w, (_, _, k, groups)) in enumerate(zip(ws, LAYERS, strict=True)):
       pad = "SAME" if k > 1 else "VALID"
-      if convs is None:
-        conv = lv.asi_conv()
-        x, _, s = conv(x, w, (1, 1), pad, dimension_numbers=DN,
-                       feature_group_count=groups, state=states[i])
+      if stateful:
+        x, _, s = conv.with_state(x, w, (1, 1), pad, dimension_numbers=DN,
+                                  feature_group_count=groups, state=states[i])
         new_states.append(s)
       else:
-        x = convs[i](x, w, (1, 1), pad, dimension_numbers=DN,
-                     feature_group_count=groups)
+        x = conv(x, w, (1, 1), pad, dimension_numbers=DN,
+                 feature_group_count=groups)
       x = lv.relu6(x)
     return jnp.mean(jnp.square(x)), new_states
 
   return loss
+
+
+def init_states(method, x, ws):
+  """The initial state of each layer of a stateful method (ASI), or None."""
+  settings = training.method_settings(method)
+  if not training.carries_state(settings):
+    return None
+  conv = lv.compressed_conv(**settings)
+  states = []
+  for w, (_, _, k, groups) in zip(ws, LAYERS, strict=True):
+    pad = "SAME" if k > 1 else "VALID"
+    states.append(conv.init_state(x, w, (1, 1), pad, dimension_numbers=DN,
+                                  feature_group_count=groups))
+    x = lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN,
+                                 feature_group_count=groups)
+  return states
 
 
 def time_fn(fn, args, repeats):
@@ -115,10 +128,8 @@ def bench_layers(args) -> dict:
   rows, base = [], None
   for method, eps in CASES:
     loss = make_loss(method, eps)
-    states = None
-    if method == "asi":
-      states = [lv.asi_conv().init_state(s) for s in _layer_inputs(x, ws)]
-      # One step to start the warm state.
+    states = init_states(method, x, ws)
+    if states is not None:  # one step to start the warm state
       _, states = jax.jit(loss)(ws, x, states)
     value = lambda ws, x, s, loss=loss: loss(ws, x, s)[0]
     t_fwd = time_fn(jax.jit(value), (ws, x, states), args.repeats)
@@ -143,26 +154,12 @@ def bench_layers(args) -> dict:
               repeats=args.repeats, rows=rows)
 
 
-def _train_module():
-  """experiments/train.py, imported from this script's directory."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  if here not in sys.path:
-    sys.path.insert(0, here)
-  import train  # pylint: disable=g-import-not-at-top
-  return train
-
-
 def bench_step(args) -> dict:
   """The ``step`` section: train.py's whole jitted fine-tuning step."""
-  train = _train_module()
-  import lowrank_vjp.rules as lvr  # pylint: disable=g-import-not-at-top
-  from lowrank_vjp import models  # pylint: disable=g-import-not-at-top
-
   b, s, k = args.step_batch, args.step_size, args.step_layers
-  targs = train.parse_args([
-      "--model", "mobilenet_v2", "--weights", "none", "--layers", str(k),
-      "--optimizer", "sgd", "--batch-size", str(b), "--image-size", str(s),
-      "--rank-control", "off"])
+  targs = training.TrainConfig(
+      model="mobilenet_v2", weights="none", layers=str(k), optimizer="sgd",
+      batch_size=b, image_size=s, rank_control="off")
   spec = models.get_spec(targs.model)
   model = spec.build(num_classes=args.step_classes)
   variables = models.init(model, s, targs.seed)
@@ -179,17 +176,17 @@ def bench_step(args) -> dict:
   print(f"== step: a whole fine-tuning train step, {setting}")
   rows, base = [], None
   for method, eps in CASES:
-    targs.eps = 0.8 if eps is None else eps
-    settings = train.settings_for(method, targs)
+    targs = targs.replace(eps=0.8 if eps is None else eps)
+    settings = training.settings_for(method, targs)
     plan = lvr.make_plan(layers,
-                         train.make_rules(targs, layers, spec, settings))
+                         training.make_rules(targs, layers, spec, settings))
     trained, frozen = plan.split(variables)
     # The step donates its state: give it copies, not the shared variables.
     trained = jax.tree_util.tree_map(jnp.copy, trained)
-    tx = train.make_optimizer(targs)
-    state = train.initial_state(trained, tx, train.init_asi_state(
+    tx = training.make_optimizer(targs)
+    state = training.initial_state(trained, tx, training.init_asi_state(
         model, plan, variables, jax.ShapeDtypeStruct(shape, jnp.float32)))
-    step = train.make_train_step(model, plan, tx, targs.seed, s)
+    step = training.make_train_step(model, plan, tx, targs.seed, s)
     times = []
     for i in range(2 + args.repeats):
       t0 = time.perf_counter()
@@ -248,16 +245,6 @@ def main(argv=None) -> dict:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
   return result
-
-
-def _layer_inputs(x, ws):
-  shapes = []
-  for w, (_, _, k, groups) in zip(ws, LAYERS, strict=True):
-    shapes.append(x.shape)
-    x = lax.conv_general_dilated(x, w, (1, 1), "SAME" if k > 1 else "VALID",
-                                 dimension_numbers=DN,
-                                 feature_group_count=groups)
-  return shapes
 
 
 if __name__ == "__main__":

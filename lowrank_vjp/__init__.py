@@ -2,53 +2,53 @@
 
 from lowrank_vjp import flax as flax
 from lowrank_vjp import measure as measure
+from lowrank_vjp import methods as methods
 from lowrank_vjp import models as models
 from lowrank_vjp import rules as rules
 from lowrank_vjp import tdlrt as tdlrt
+from lowrank_vjp._src.control.budget import LayerSample as LayerSample
+from lowrank_vjp._src.control.budget import plan_ranks as plan_ranks
+from lowrank_vjp._src.control.budget import RankOption as RankOption
+from lowrank_vjp._src.control.rank_controller import (
+    RankController as RankController,
+)
+from lowrank_vjp._src.control.rank_controller import RankLadder as RankLadder
+from lowrank_vjp._src.control.scope import rank_capacities as rank_capacities
+from lowrank_vjp._src.dropins import compressed_conv as compressed_conv
+from lowrank_vjp._src.dropins import compressed_dense as compressed_dense
+from lowrank_vjp._src.dropins import CompressedConv as CompressedConv
+from lowrank_vjp._src.dropins import CompressedDense as CompressedDense
 from lowrank_vjp._src.layers.activations import gelu as gelu
 from lowrank_vjp._src.layers.activations import hard_swish as hard_swish
 from lowrank_vjp._src.layers.activations import relu as relu
 from lowrank_vjp._src.layers.activations import relu6 as relu6
 from lowrank_vjp._src.layers.activations import silu as silu
-from lowrank_vjp._src.methods.asi import asi_conv as asi_conv
-from lowrank_vjp._src.methods.asi import AsiConv as AsiConv
-from lowrank_vjp._src.methods.asi import AsiState as AsiState
-from lowrank_vjp._src.layers.batchnorm import frozen_batch_norm as frozen_batch_norm
-from lowrank_vjp._src.control.budget import LayerSample as LayerSample
-from lowrank_vjp._src.control.budget import plan_ranks as plan_ranks
-from lowrank_vjp._src.control.budget import RankOption as RankOption
+from lowrank_vjp._src.layers.batchnorm import (
+    frozen_batch_norm as frozen_batch_norm,
+)
+from lowrank_vjp._src.layers.fused import bn_relu_conv as bn_relu_conv
 from lowrank_vjp._src.methods.checkpoint import checkpointed as checkpointed
-from lowrank_vjp._src.dropins import compressed_conv as compressed_conv
-from lowrank_vjp._src.dropins import compressed_dense as compressed_dense
-from lowrank_vjp._src.dropins import CompressedConv as CompressedConv
-from lowrank_vjp._src.dropins import CompressedDense as CompressedDense
-from lowrank_vjp._src.dropins import RankOverflowError as RankOverflowError
-from lowrank_vjp._src.dropins import RankOverflowWarning as RankOverflowWarning
-from lowrank_vjp._src.methods.base import CompressionConfig as CompressionConfig
-from lowrank_vjp._src.methods.quant import bn_relu_conv as bn_relu_conv
-from lowrank_vjp._src.control.rank_controller import rank_capacities as rank_capacities
-from lowrank_vjp._src.control.rank_controller import RankController as RankController
-from lowrank_vjp._src.control.rank_controller import RankLadder as RankLadder
-from lowrank_vjp._src.tensor.tucker import CompressionStats as CompressionStats
+from lowrank_vjp._src.ops.vjp import HigherOrderError as HigherOrderError
+from lowrank_vjp._src.stats import CompressionStats as CompressionStats
+from lowrank_vjp._src.stats import RankOverflowError as RankOverflowError
+from lowrank_vjp._src.stats import RankOverflowWarning as RankOverflowWarning
+from lowrank_vjp._src.stats import raise_on_overflow as raise_on_overflow
 from lowrank_vjp._src.tensor.tucker import TuckerResidual as TuckerResidual
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "AsiConv",
-    "AsiState",
     "CompressedConv",
     "CompressedDense",
-    "CompressionConfig",
     "CompressionStats",
+    "HigherOrderError",
     "LayerSample",
     "RankController",
     "RankLadder",
-    "RankOverflowError",
     "RankOption",
+    "RankOverflowError",
     "RankOverflowWarning",
     "TuckerResidual",
-    "asi_conv",
     "bn_relu_conv",
     "checkpointed",
     "compressed_conv",
@@ -58,8 +58,10 @@ __all__ = (
     "gelu",
     "hard_swish",
     "measure",
+    "methods",
     "models",
     "plan_ranks",
+    "raise_on_overflow",
     "rank_capacities",
     "relu",
     "relu6",

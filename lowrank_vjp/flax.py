@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from lowrank_vjp._src.layers.batchnorm import FrozenBatchNorm as FrozenBatchNorm
 from lowrank_vjp._src.flax.linen import ASI_COLLECTION as ASI_COLLECTION
-from lowrank_vjp._src.flax.linen import COLLECTION as COLLECTION
-from lowrank_vjp._src.flax.linen import (
-    AsiConvGeneralDilated as AsiConvGeneralDilated,
-)
 from lowrank_vjp._src.flax.linen import (
     CompressedConvGeneralDilated as CompressedConvGeneralDilated,
 )
 from lowrank_vjp._src.flax.linen import (
     CompressedDotGeneral as CompressedDotGeneral,
 )
-from lowrank_vjp._src.flax.linen import collect_stats as collect_stats
 from lowrank_vjp._src.flax.linen import conv_cls as conv_cls
 from lowrank_vjp._src.flax.linen import dense_cls as dense_cls
+from lowrank_vjp._src.flax.linen import (
+    StatsDroppedWarning as StatsDroppedWarning,
+)
+from lowrank_vjp._src.flax.stats import COLLECTION as COLLECTION
+from lowrank_vjp._src.flax.stats import collect_stats as collect_stats
+from lowrank_vjp._src.layers.batchnorm import FrozenBatchNorm as FrozenBatchNorm
 
 __all__ = (
     "ASI_COLLECTION",
-    "AsiConvGeneralDilated",
     "COLLECTION",
     "CompressedConvGeneralDilated",
     "CompressedDotGeneral",
     "FrozenBatchNorm",
+    "StatsDroppedWarning",
     "collect_stats",
     "conv_cls",
     "dense_cls",

@@ -1,91 +1,93 @@
-"""Public drop-ins: ``compressed_conv`` and ``compressed_dense``."""
+"""Public drop-ins: ``compressed_conv`` and ``compressed_dense``.
+
+Each resolves its ``method`` once (a :class:`~lowrank_vjp.methods.Method`
+value, or the string shorthand with its settings) and, per call, resolves
+the ``lax`` arguments into an op, then runs :func:`run`: per-device when the
+batch is sharded over mesh axes, through the method's ``apply`` (the one
+custom VJP for every compressing method), and logged for the memory report.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from lowrank_vjp._src.methods import checkpoint as checkpointed
-from lowrank_vjp._src.methods import base as config_lib
-from lowrank_vjp._src.ops import conv_tucker as conv_rule
-from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.tensor import hosvd as decompositions
-from lowrank_vjp._src.ops import dot as dense_rule
-from lowrank_vjp._src.methods import gradfilter as gradient_filter
-from lowrank_vjp._src.measure import layer_log as layer_log
-from lowrank_vjp._src.methods import quant as quantized
-from lowrank_vjp._src.tensor import tucker as residuals
-from lowrank_vjp._src.ops import sharding as sharding
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.measure import layer_log
+from lowrank_vjp._src.methods import base as methods_base
+from lowrank_vjp._src.ops import bilinear as bilinear_lib
+from lowrank_vjp._src.ops import conv as conv_lib
+from lowrank_vjp._src.ops import dot as dot_lib
+from lowrank_vjp._src.ops import sharding
 
-CompressionConfig = config_lib.CompressionConfig
-CompressionStats = residuals.CompressionStats
+Method = methods_base.Method
+CompressionStats = stats_lib.CompressionStats
 
 
-class RankOverflowWarning(UserWarning):
-  """A layer kept less than ε because its static capacity was too small."""
+def _check_state(method: Method, state: Any, where: str) -> None:
+  if method.stateful and state is None:
+    raise TypeError(
+        f"method {method!r} carries state from step to step, so {where} "
+        "cannot run it: call `.with_state(..., state=state)` with the state "
+        "from `.init_state(...)` (same arguments as the call) and keep the "
+        "new state it returns, or use the Flax adapters "
+        "(lowrank_vjp.flax.conv_cls / dense_cls), which keep it in a "
+        "variable collection. (NNX layers call the drop-in without a state: "
+        "use a stateless method there.)")
+  if not method.stateful and state is not None:
+    raise TypeError(f"method {method!r} has no state; got state={state!r}.")
 
 
-class RankOverflowError(RuntimeError):
-  """Raised (at run time) when ``on_overflow="error"`` and capacity is short."""
+def _apply_and_record(op, method: Method, lhs, rhs, state):
+  if not math.prod(op.lhs_shape) or not math.prod(op.rhs_shape):
+    # An empty operand: nothing to compress, and JAX's own (zero) gradients.
+    y, stats, new_state = op.apply(lhs, rhs), stats_lib.uncompressed(
+        op.lhs_shape, op.lhs_dtype, method.label, 0), state
+  else:
+    y, stats, new_state = method.apply(op, lhs, rhs, state)
+  layer_log.record(op, method, stats)
+  return y, stats, new_state
 
 
-def _overflow_message(stats_np, shape, capacity, eps):
-  needed = [int(n) for n in np.asarray(stats_np[0]).ravel()]
-  energy = [round(float(e), 4) for e in np.asarray(stats_np[1]).ravel()]
-  return (f"activation {shape}: eps={eps} needs ranks {needed} but the "
-          f"capacity is {list(capacity)}; kept explained variance per mode "
-          f"{energy} (< eps). Raise `ranks`/`rank_fraction`, or let the rank "
-          "controller grow the capacity.")
+def run(op, method: Method, lhs, rhs, state: Any = None, *,
+        local_op: Callable | None = None, out_batch_axis: int | None = None,
+        out_ndim: int | None = None):
+  """Runs ``op`` with ``method``: ``(y, stats, new_state)``.
 
+  Args:
+    op: The resolved op (``ConvSpec``, ``DotSpec``, ``BilinearSpec``).
+    method: The compression method.
+    lhs: The activation.
+    rhs: The weight.
+    state: The method's state (stateful methods only).
+    local_op: ``(l, r) -> op`` for per-device shards; None disables the
+      per-device path.
+    out_batch_axis: The output's batch axis (per-device path).
+    out_ndim: The output's rank (per-device path).
 
-def report_overflow(config: CompressionConfig,
-                    stats: CompressionStats) -> None:
-  """Warns or raises from the device on the steps where capacity is short."""
-  if config.on_overflow == "ignore" or config.method == "none":
-    return
-
-  def callback(overflow, needed, energy):
-    if not np.any(overflow):
-      return
-    msg = _overflow_message((needed, energy), stats.shape, stats.capacity,
-                            config.eps)
-    if config.on_overflow == "error":
-      raise RankOverflowError(msg)
-    warnings.warn(msg, RankOverflowWarning, stacklevel=2)
-
-  jax.debug.callback(callback, stats.overflow, stats.needed_ranks,
-                     stats.kept_energy)
-
-
-def _uncompressed_stats(x, method="none", nbytes=None) -> CompressionStats:
-  """Stats of a layer without ranks: shapes as ranks, ``nbytes`` saved."""
-  n = x.ndim
-  if nbytes is None:
-    nbytes = int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-  return CompressionStats(
-      needed_ranks=jnp.asarray(x.shape, jnp.int32),
-      kept_ranks=jnp.asarray(x.shape, jnp.int32),
-      kept_energy=jnp.ones((n,), jnp.float32),
-      overflow=jnp.asarray(False),
-      shape=tuple(x.shape), capacity=(None,) * n, method=method,
-      itemsize=jnp.dtype(x.dtype).itemsize,
-      residual_nbytes=int(nbytes))
-
-
-def _compress(config: CompressionConfig, x, batch_axis: int):
-  capacity = config.capacity(x.shape, batch_axis=batch_axis)
-  res, stats = decompositions.tucker_compress(x, capacity, config.eps,
-                                              config.method)
-  report_overflow(config, stats)
-  return res, stats
+  Returns:
+    The op's output, its :class:`CompressionStats` (with a leading device
+    axis on the per-device path) and the method's new state.
+  """
+  method.check_op(op)
+  if method.stateful:
+    method.check_state(op, state)
+  shards = None
+  if local_op is not None and method.per_shard and not method.stateful:
+    shards = sharding.batch_shards(lhs, rhs, op.batch_axis)
+  if shards is None:
+    return _apply_and_record(op, method, lhs, rhs, state)
+  y, stats = sharding.per_shard(
+      lambda l, r: _apply_and_record(local_op(l, r), method, l, r, None)[:2],
+      lhs, rhs, shards, out_batch_axis, out_ndim)
+  return y, stats, None
 
 
 # ----------------------------------------------------------------- conv ---
@@ -115,29 +117,25 @@ def _single_conv_params(fn, lhs, rhs):
   return {k: eqn.params[k] for k in keys if k in eqn.params}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bilinear(fn, lhs, rhs, res):
-  del res
-  return fn(lhs, rhs)
+_CONV_ARGS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation",
+              "dimension_numbers", "feature_group_count", "batch_group_count",
+              "precision", "preferred_element_type", "out_sharding")
 
 
-def _bilinear_fwd(fn, lhs, rhs, res):
-  y = residuals.tie(fn(lhs, rhs), res)
-  return y, (res, rhs, jnp.zeros((), lhs.dtype))
-
-
-def _bilinear_bwd(fn, saved, g):
-  res, rhs, lhs_dtype_probe = saved
-  lhs_aval = jax.ShapeDtypeStruct(res.shape, lhs_dtype_probe.dtype)
-  (dlhs,) = jax.linear_transpose(lambda l: fn(l, rhs), lhs_aval)(g)
-  res = residuals.TuckerResidual(residuals.after(res.core, g), res.factors)
-  lhs = res.reconstruct(dtype=lhs_dtype_probe.dtype)
-  rhs_aval = jax.ShapeDtypeStruct(rhs.shape, rhs.dtype)
-  (drhs,) = jax.linear_transpose(lambda r: fn(lhs, r), rhs_aval)(g)
-  return dlhs, drhs, jax.tree_util.tree_map(jnp.zeros_like, res)
-
-
-_bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
+def _conv_kwargs(args, kwargs) -> dict[str, Any]:
+  """``lax.conv_general_dilated``'s arguments after ``rhs``, by name."""
+  if len(args) > len(_CONV_ARGS):
+    raise TypeError(f"conv takes at most {len(_CONV_ARGS)} arguments after "
+                    f"rhs; got {len(args)}.")
+  named = dict(zip(_CONV_ARGS, args))
+  twice = sorted(set(named) & set(kwargs))
+  if twice:
+    raise TypeError(f"conv got multiple values for {twice}.")
+  unknown = sorted(set(kwargs) - set(_CONV_ARGS))
+  if unknown:
+    raise TypeError(f"conv got unexpected keyword arguments {unknown}; "
+                    f"lax.conv_general_dilated takes {list(_CONV_ARGS)}.")
+  return {**named, **kwargs}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +143,13 @@ class CompressedConv:
   """A drop-in for ``lax.conv_general_dilated`` that saves a compressed input.
 
   Create with :func:`compressed_conv`. Calling it runs the exact convolution;
-  its VJP saves ``rhs`` and a :class:`TuckerResidual` of ``lhs``.
+  its VJP saves ``rhs`` and what :attr:`method` keeps of ``lhs``.
 
   Attributes:
-    config: The compression settings.
+    method: The compression method.
   """
 
-  config: CompressionConfig
+  method: Method
 
   def __call__(self, lhs, rhs=None, window_strides=None, padding=None,
                *args, **kwargs) -> Any:
@@ -161,121 +159,94 @@ class CompressedConv:
     decorator form, see :func:`compressed_conv`).
     """
     if rhs is None and callable(lhs) and window_strides is None:
-      return _decorate(self.config, lhs)
-    if window_strides is None or padding is None:
-      raise TypeError("compressed conv needs window_strides and padding, as "
-                      "lax.conv_general_dilated does.")
+      return _decorate(self.method, lhs)
+    _check_state(self.method, None, "a plain call")
     return self.with_stats(lhs, rhs, window_strides, padding, *args,
                            **kwargs)[0]
 
-  def with_stats(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
-                 rhs_dilation=None, dimension_numbers=None,
-                 feature_group_count=1, batch_group_count=1, precision=None,
-                 preferred_element_type=None, out_sharding=None):
+  def op(self, lhs, rhs, *args, **kwargs) -> conv_lib.ConvSpec:
+    """The resolved :class:`ConvSpec` of a call with these arguments."""
+    kw = _conv_kwargs(args, kwargs)
+    if kw.get("window_strides") is None or kw.get("padding") is None:
+      raise TypeError("compressed conv needs window_strides and padding, as "
+                      "lax.conv_general_dilated does.")
+    return conv_lib.conv_spec(lhs, rhs, **kw)
+
+  def with_stats(self, lhs, rhs, window_strides=None, padding=None, *args,
+                 **kwargs):
     """Like ``__call__``, also returning what the layer kept.
 
     Returns:
       ``(y, stats)``: the convolution's output and a
       :class:`CompressionStats` for this call.
     """
-    args = (window_strides, padding, lhs_dilation, rhs_dilation,
-            dimension_numbers, feature_group_count, batch_group_count,
-            precision, preferred_element_type)
-    spec = conv_spec_lib.conv_spec(lhs, rhs, *args, out_sharding)
-    shards = (None if self.config.method == "none" else
-              sharding.batch_shards(lhs, rhs, spec.batch_axis))
-    if shards is None:
-      return _conv_with_spec(self.config, spec, lhs, rhs)
-    return sharding.per_shard(
-        lambda l, r: _conv_with_spec(
-            self.config, conv_spec_lib.conv_spec(l, r, *args), l, r),
-        lhs, rhs, shards, spec.dimension_numbers.out_spec[0],
-        len(spec.lhs_shape))
+    _check_state(self.method, None, "with_stats")
+    return self.with_state(lhs, rhs, window_strides, padding, *args,
+                           **kwargs)[:2]
+
+  def with_state(self, lhs, rhs, window_strides=None, padding=None, *args,
+                 state: Any = None, **kwargs):
+    """Like :meth:`with_stats`, carrying a stateful method's state.
+
+    Returns:
+      ``(y, stats, new_state)``.
+    """
+    _check_state(self.method, state, "with_state without a state")
+    kw = _conv_kwargs((window_strides, padding) + args, kwargs)
+    spec = self.op(lhs, rhs, **kw)
+    local = {k: v for k, v in kw.items() if k != "out_sharding"}
+    return run(
+        spec, self.method, lhs, rhs, state,
+        local_op=lambda l, r: self.op(l, r, **local),
+        out_batch_axis=spec.dimension_numbers.out_spec[0],
+        out_ndim=len(spec.lhs_shape))
+
+  def init_state(self, lhs, rhs, window_strides=None, padding=None, *args,
+                 **kwargs) -> Any:
+    """The method's initial state for a call with these arguments."""
+    return self.method.init_state(
+        self.op(lhs, rhs, window_strides, padding, *args, **kwargs))
 
 
-def _quant_spec(config: CompressionConfig, channel_axis: int):
-  return quantized.QuantSpec(config.bits, config.per_channel,
-                             config.stochastic, channel_axis)
-
-
-def _other_method(config: CompressionConfig, spec, lhs, rhs,
-                  channel_axis: int):
-  """``(y, stats)`` for "quant" and "checkpoint" (any ``spec.apply``)."""
-  if config.method == "quant":
-    qspec = _quant_spec(config, channel_axis)
-    return quantized.apply(spec, qspec, lhs, rhs), _uncompressed_stats(
-        lhs, "quant", quantized.residual_nbytes(np.shape(lhs), qspec))
-  assert config.method == "checkpoint", config.method
-  return (checkpointed.apply(spec, lhs, rhs),
-          _uncompressed_stats(lhs, "checkpoint"))
-
-
-def _conv_with_spec(config, spec, lhs, rhs):
-  y, stats = _run_conv(config, spec, lhs, rhs)
-  layer_log.record("conv", config, spec, stats)
-  return y, stats
-
-
-def _run_conv(config, spec, lhs, rhs):
-  if config.method == "none":
-    return spec.apply(lhs, rhs), _uncompressed_stats(lhs)
-  if config.method == "gradfilter":
-    gradient_filter.check_supported(spec, config.radius)
-    nbytes = gradient_filter.residual_nbytes(spec, config.radius)
-    return (gradient_filter.conv(spec, config.radius, lhs, rhs),
-            _uncompressed_stats(lhs, "gradfilter", nbytes))
-  if config.method not in config_lib.TUCKER_METHODS:
-    return _other_method(config, spec, lhs, rhs,
-                         spec.dimension_numbers.lhs_spec[1])
-  res, stats = _compress(config, lhs, spec.batch_axis)
-  return conv_rule.conv(spec, lhs, rhs, res), stats
-
-
-def _decorate(config: CompressionConfig, fn: Callable) -> Callable:
+def _decorate(method: Method, fn: Callable) -> Callable:
   """Wraps ``fn(x, w, *args, **kwargs)``, bilinear in ``(x, w)``."""
 
-  def with_stats(x, w, *args, **kwargs):
+  def op(x, w, *args, **kwargs):
     bound = fn if not (args or kwargs) else (
         lambda l, r: fn(l, r, *args, **kwargs))
     params = _single_conv_params(bound, x, w)
     if params is not None:
-      spec = conv_spec_lib.conv_spec(x, w, **params)
-      return _conv_with_spec(config, spec, x, w)
-    conv_spec_lib._check_float("x", x)  # pylint: disable=protected-access
-    conv_spec_lib._check_float("w", w)  # pylint: disable=protected-access
-    if config.method == "none":
-      return bound(x, w), _uncompressed_stats(x)
-    if config.method == "gradfilter":
-      raise ValueError(
-          "method='gradfilter' needs the function to be exactly one "
-          "lax.conv_general_dilated of (x, w) (it pools over the "
-          f"convolution's output grid); {getattr(fn, '__name__', fn)!r} is "
-          "not. Call the drop-in conv directly instead.")
-    if config.method not in config_lib.TUCKER_METHODS:
-      spec = quantized.BilinearSpec(bound, np.shape(x), jnp.result_type(x),
-                                    np.shape(w), jnp.result_type(w))
-      return _other_method(config, spec, x, w, np.ndim(x) - 1)
-    res, stats = _compress(config, x, batch_axis=0)
-    return _bilinear(bound, x, w, res), stats
+      return conv_lib.conv_spec(x, w, **params)
+    return bilinear_lib.bilinear_spec(bound, x, w)
+
+  def with_state(x, w, *args, state=None, **kwargs):
+    _check_state(method, state, "with_state without a state")
+    return run(op(x, w, *args, **kwargs), method, x, w, state)
+
+  def with_stats(x, w, *args, **kwargs):
+    _check_state(method, None, "with_stats")
+    return with_state(x, w, *args, **kwargs)[:2]
 
   @functools.wraps(fn)
   def wrapped(x, w, *args, **kwargs):
     return with_stats(x, w, *args, **kwargs)[0]
 
   wrapped.with_stats = with_stats
-  wrapped.config = config
+  wrapped.with_state = with_state
+  wrapped.init_state = lambda x, w, *a, **k: method.init_state(op(x, w, *a,
+                                                                 **k))
+  wrapped.method = method
   return wrapped
 
 
-def compressed_conv(fn: Callable | None = None, *, method: str = "hosvd",
-                    eps: float = 0.9, ranks=None, rank_fraction: float = 0.5,
-                    on_overflow: str = "warn", radius: int = 2, bits: int = 8,
-                    per_channel: bool = False, stochastic: bool = False):
+def compressed_conv(fn: Callable | None = None, *,
+                    method: Method | str = "hosvd", **settings: Any):
   """A convolution whose saved activation is compressed.
 
   Use it as a drop-in for ``lax.conv_general_dilated``::
 
-    conv = lv.compressed_conv(method="hosvd", eps=0.9)
+    conv = lv.compressed_conv(method=lv.methods.Hosvd(eps=0.9))
+    conv = lv.compressed_conv(method="hosvd", eps=0.9)     # the same
     y = conv(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   or as a decorator of a function ``f(x, w, ...)`` that is linear in ``x``
@@ -292,36 +263,24 @@ def compressed_conv(fn: Callable | None = None, *, method: str = "hosvd",
 
   Args:
     fn: Optional function to decorate (``compressed_conv(f, eps=...)``).
-    method: ``"hosvd"``, ``"svd"``, ``"none"``, ``"gradfilter"``
-      (gradient filter, drop-in and single-conv functions only),
-      ``"quant"`` (K-bit codes of the input) or ``"checkpoint"``
-      (recompute from the saved input); docs/methods.md.
-    eps: Explained variance kept per compressed mode, in ``(0, 1]``.
-    ranks: Static rank capacity per axis of ``x`` (see
-      :class:`CompressionConfig`).
-    rank_fraction: Default capacity as a fraction of each axis.
-    on_overflow: ``"warn"``, ``"error"`` or ``"ignore"`` when ε needs more
-      than the capacity.
-    radius: ``"gradfilter"``: patch size ``r`` of the output gradient.
-    bits: ``"quant"``: 2, 4 or 8 bits per saved element.
-    per_channel: ``"quant"``: one coding range per channel.
-    stochastic: ``"quant"``: stochastic rounding.
+    method: A :class:`lowrank_vjp.methods.Method`, or its shorthand
+      (``"hosvd"``, ``"svd"``, ``"asi"``, ``"quant"``, ``"gradfilter"``,
+      ``"checkpoint"``, ``"none"``); docs/methods.md.
+    **settings: With a shorthand, the method's settings (``eps=0.9``,
+      ``bits=4``, …).
 
   Returns:
-    A :class:`CompressedConv` (or the decorated function, which also has a
-    ``with_stats`` method).
+    A :class:`CompressedConv` (or the decorated function, which also has
+    ``with_stats``, ``with_state`` and ``init_state``).
 
   Raises:
-    ValueError: for an unknown ``method`` or settings out of range.
+    TypeError: for a setting the method does not take.
+    ValueError: for an unknown method or settings out of range.
   """
-  config = CompressionConfig(method=method, eps=eps, ranks=ranks,
-                             rank_fraction=rank_fraction,
-                             on_overflow=on_overflow, radius=radius,
-                             bits=bits, per_channel=per_channel,
-                             stochastic=stochastic)
+  method = methods_base.resolve(method, **settings)
   if fn is not None:
-    return _decorate(config, fn)
-  return CompressedConv(config)
+    return _decorate(method, fn)
+  return CompressedConv(method)
 
 
 # ---------------------------------------------------------------- dense ---
@@ -335,68 +294,72 @@ class CompressedDense:
   first) and ``rhs`` the weight. Create with :func:`compressed_dense`.
 
   Attributes:
-    config: The compression settings.
+    method: The compression method.
   """
 
-  config: CompressionConfig
+  method: Method
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None,
                preferred_element_type=None, *, out_sharding=None):
     """Same signature as ``lax.dot_general``; returns its output."""
+    _check_state(self.method, None, "a plain call")
     return self.with_stats(lhs, rhs, dimension_numbers, precision,
                            preferred_element_type,
                            out_sharding=out_sharding)[0]
 
+  def op(self, lhs, rhs, dimension_numbers, precision=None,
+         preferred_element_type=None, *, out_sharding=None
+         ) -> dot_lib.DotSpec:
+    """The resolved :class:`DotSpec` of a call with these arguments."""
+    return dot_lib.dot_spec(lhs, rhs, dimension_numbers, precision,
+                            preferred_element_type, out_sharding)
+
   def with_stats(self, lhs, rhs, dimension_numbers, precision=None,
                  preferred_element_type=None, *, out_sharding=None):
     """Like ``__call__``, also returning a :class:`CompressionStats`."""
-    spec = dense_rule.dot_spec(lhs, rhs, dimension_numbers, precision,
-                               preferred_element_type, out_sharding)
-    if self.config.method == "gradfilter":
-      raise ValueError("method='gradfilter' applies to convolutions only; "
-                       "use compressed_conv, or another method for dense "
-                       "layers.")
-    if self.config.method == "none":
-      y, stats = spec.apply(lhs, rhs), _uncompressed_stats(lhs)
-      layer_log.record("dense", self.config, spec, stats)
-      return y, stats
-    batch_axis = 0
-    if spec.dimension_numbers[1][0]:
-      batch_axis = spec.dimension_numbers[1][0][0]
-    contracting = spec.dimension_numbers[0][0]
-    channel_axis = contracting[-1] if contracting else len(spec.lhs_shape) - 1
+    _check_state(self.method, None, "with_stats")
+    return self.with_state(lhs, rhs, dimension_numbers, precision,
+                           preferred_element_type,
+                           out_sharding=out_sharding)[:2]
 
-    def run(l, r, spec):
-      if self.config.method in config_lib.TUCKER_METHODS:
-        res, stats = _compress(self.config, l, batch_axis)
-        y = dense_rule.dot(spec, l, r, res)
-      else:
-        y, stats = _other_method(self.config, spec, l, r, channel_axis)
-      layer_log.record("dense", self.config, spec, stats)
-      return y, stats
+  def with_state(self, lhs, rhs, dimension_numbers, precision=None,
+                 preferred_element_type=None, *, state: Any = None,
+                 out_sharding=None):
+    """Like :meth:`with_stats`, carrying a stateful method's state.
 
+    Returns:
+      ``(y, stats, new_state)``.
+    """
+    _check_state(self.method, state, "with_state without a state")
+    spec = self.op(lhs, rhs, dimension_numbers, precision,
+                   preferred_element_type, out_sharding=out_sharding)
     (lc, _), (lb, _) = spec.dimension_numbers
-    shards = None if lb or batch_axis in lc else sharding.batch_shards(
-        lhs, rhs, batch_axis)
-    if shards is None:
-      return run(lhs, rhs, spec)
+    batch_axis = spec.batch_axis
+    if lb or batch_axis in lc:
+      return run(spec, self.method, lhs, rhs, state)
     free = [a for a in range(len(spec.lhs_shape)) if a not in lc]
-    out_ndim = len(free) + len(spec.rhs_shape) - len(lc)
-    return sharding.per_shard(
-        lambda l, r: run(l, r, dense_rule.dot_spec(
-            l, r, dimension_numbers, precision, preferred_element_type)),
-        lhs, rhs, shards, free.index(batch_axis), out_ndim)
+    return run(
+        spec, self.method, lhs, rhs, state,
+        local_op=lambda l, r: self.op(l, r, dimension_numbers, precision,
+                                      preferred_element_type),
+        out_batch_axis=free.index(batch_axis),
+        out_ndim=len(free) + len(spec.rhs_shape) - len(lc))
+
+  def init_state(self, lhs, rhs, dimension_numbers, precision=None,
+                 preferred_element_type=None, *, out_sharding=None) -> Any:
+    """The method's initial state for a call with these arguments."""
+    return self.method.init_state(self.op(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type,
+        out_sharding=out_sharding))
 
 
-def compressed_dense(*, method: str = "hosvd", eps: float = 0.9, ranks=None,
-                     rank_fraction: float = 0.5, on_overflow: str = "warn",
-                     radius: int = 2, bits: int = 8, per_channel: bool = False,
-                     stochastic: bool = False) -> CompressedDense:
+def compressed_dense(*, method: Method | str = "hosvd",
+                     **settings: Any) -> CompressedDense:
   """A ``lax.dot_general`` whose saved activation ``lhs`` is compressed.
 
   Example::
 
-    dense = lv.compressed_dense(method="hosvd", eps=0.9)
+    dense = lv.compressed_dense(method=lv.methods.Hosvd(eps=0.9))
     y = dense(x, w, (((x.ndim - 1,), (0,)), ((), ())))   # x: [N, T, F]
 
   Args: as :func:`compressed_conv` (``ranks`` in the order of ``lhs``'s axes;
@@ -406,7 +369,4 @@ def compressed_dense(*, method: str = "hosvd", eps: float = 0.9, ranks=None,
   Returns:
     A :class:`CompressedDense`.
   """
-  return CompressedDense(CompressionConfig(
-      method=method, eps=eps, ranks=ranks, rank_fraction=rank_fraction,
-      on_overflow=on_overflow, radius=radius, bits=bits,
-      per_channel=per_channel, stochastic=stochastic))
+  return CompressedDense(methods_base.resolve(method, **settings))

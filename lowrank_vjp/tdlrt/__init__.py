@@ -1,16 +1,28 @@
 """TDLRT: rank-adaptive Tucker-factorized weights (Zangrando et al., 2024).
 
 Tucker kernels (:class:`TuckerWeight`), Flax layers that hold them
-(:class:`TuckerConv`, :class:`TuckerDense`), adapters for fine-tuning
+(:class:`TuckerConv`, :class:`TuckerDense`), low-rank updates for fine-tuning
 (:class:`TuckerAdapter`, and the matrix :class:`LoRAWeight` baseline), and the
-TDLRT training step (:func:`init`, :func:`step`). See docs/tdlrt.md.
+TDLRT training step (:func:`init`, :func:`step`). :func:`unfold`,
+:func:`tucker_product` and :func:`param_count` come from the library's shared
+Tucker algebra. See docs/tdlrt.md.
 """
 
+from lowrank_vjp._src.tdlrt.layers import TuckerConv as TuckerConv
+from lowrank_vjp._src.tdlrt.layers import TuckerDense as TuckerDense
 from lowrank_vjp._src.tdlrt.low_rank_updates import LoRAWeight as LoRAWeight
-from lowrank_vjp._src.tdlrt.low_rank_updates import TuckerAdapter as TuckerAdapter
-from lowrank_vjp._src.tdlrt.low_rank_updates import lora_adapter as lora_adapter
-from lowrank_vjp._src.tdlrt.low_rank_updates import tucker_adapter as tucker_adapter
-from lowrank_vjp._src.tdlrt.step import SECOND_MOMENT_NAMES as SECOND_MOMENT_NAMES
+from lowrank_vjp._src.tdlrt.low_rank_updates import (
+    TuckerAdapter as TuckerAdapter,
+)
+from lowrank_vjp._src.tdlrt.low_rank_updates import (
+    lora_adapter as lora_adapter,
+)
+from lowrank_vjp._src.tdlrt.low_rank_updates import (
+    tucker_adapter as tucker_adapter,
+)
+from lowrank_vjp._src.tdlrt.step import (
+    SECOND_MOMENT_NAMES as SECOND_MOMENT_NAMES,
+)
 from lowrank_vjp._src.tdlrt.step import TDLRTConfig as TDLRTConfig
 from lowrank_vjp._src.tdlrt.step import TDLRTState as TDLRTState
 from lowrank_vjp._src.tdlrt.step import augment_basis as augment_basis
@@ -18,19 +30,17 @@ from lowrank_vjp._src.tdlrt.step import core_tree as core_tree
 from lowrank_vjp._src.tdlrt.step import init as init
 from lowrank_vjp._src.tdlrt.step import step as step
 from lowrank_vjp._src.tdlrt.step import truncate_core as truncate_core
-from lowrank_vjp._src.tdlrt.layers import TuckerConv as TuckerConv
-from lowrank_vjp._src.tdlrt.layers import TuckerDense as TuckerDense
 from lowrank_vjp._src.tdlrt.weight import TuckerWeight as TuckerWeight
 from lowrank_vjp._src.tdlrt.weight import capacities as capacities
 from lowrank_vjp._src.tdlrt.weight import materialize as materialize
 from lowrank_vjp._src.tdlrt.weight import mode_sizes as mode_sizes
-from lowrank_vjp._src.tdlrt.weight import param_count as param_count
 from lowrank_vjp._src.tdlrt.weight import random_tucker as random_tucker
 from lowrank_vjp._src.tdlrt.weight import (
     tucker_from_kernel as tucker_from_kernel,
 )
-from lowrank_vjp._src.tdlrt.weight import tucker_product as tucker_product
-from lowrank_vjp._src.tdlrt.weight import unfold as unfold
+from lowrank_vjp._src.tensor.algebra import param_count as param_count
+from lowrank_vjp._src.tensor.algebra import tucker_product as tucker_product
+from lowrank_vjp._src.tensor.algebra import unfold as unfold
 
 __all__ = (
     "LoRAWeight",

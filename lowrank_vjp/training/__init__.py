@@ -15,6 +15,7 @@ lowrank_vjp``).
 from lowrank_vjp.training import benchmarks_page as benchmarks_page
 from lowrank_vjp.training import cached_features as cached_features
 from lowrank_vjp.training import data as data
+from lowrank_vjp.training import digits_net as digits_net
 from lowrank_vjp.training import factorized as factorized
 from lowrank_vjp.training import plots as plots
 from lowrank_vjp.training import segmentation as segmentation
@@ -27,10 +28,11 @@ from lowrank_vjp.training.evaluation import evaluate as evaluate
 from lowrank_vjp.training.evaluation import evaluate_arrays as evaluate_arrays
 from lowrank_vjp.training.evaluation import make_eval_step as make_eval_step
 from lowrank_vjp.training.job import train_one as train_one
+from lowrank_vjp.training.loop import Run as Run
 from lowrank_vjp.training.loop import fit as fit
 from lowrank_vjp.training.loop import make_controller as make_controller
-from lowrank_vjp.training.loop import Run as Run
 from lowrank_vjp.training.loop import run_step as run_step
+from lowrank_vjp.training.methods import VANILLA as VANILLA
 from lowrank_vjp.training.methods import carries_state as carries_state
 from lowrank_vjp.training.methods import is_vanilla as is_vanilla
 from lowrank_vjp.training.methods import method_name as method_name
@@ -40,10 +42,9 @@ from lowrank_vjp.training.methods import run_names as run_names
 from lowrank_vjp.training.methods import settings_for as settings_for
 from lowrank_vjp.training.methods import unsupported as unsupported
 from lowrank_vjp.training.methods import uses_ranks as uses_ranks
-from lowrank_vjp.training.methods import VANILLA as VANILLA
-from lowrank_vjp.training.metrics import check_finite as check_finite
 from lowrank_vjp.training.metrics import MetricsWriter as MetricsWriter
 from lowrank_vjp.training.metrics import MiB as MiB
+from lowrank_vjp.training.metrics import check_finite as check_finite
 from lowrank_vjp.training.metrics import read_metrics as read_metrics
 from lowrank_vjp.training.metrics import stats_row as stats_row
 from lowrank_vjp.training.metrics import write_metrics as write_metrics
@@ -81,6 +82,7 @@ __all__ = (
     "compiled_memory",
     "data",
     "default_dataset",
+    "digits_net",
     "environment",
     "evaluate",
     "evaluate_arrays",

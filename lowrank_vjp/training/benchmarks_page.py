@@ -3,7 +3,8 @@
 Only measured results are shown: each section reads ``<part>.json`` written
 by ``experiments/paper_benchmarks.py`` and says how, where and when it was
 measured; a part without results says so. The published figures are those
-of Nguyen et al., NeurIPS 2024 (the poster's table; ../shared/methods.md §1).
+of the HOSVD paper's poster table (see ``PAPER``). Every conclusion the page
+states is computed from the results it renders, and says what was computed.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ import numpy as np
 
 from lowrank_vjp.training import plots
 
+# L.-T. Nguyen, A. Quélennec, E. Tartaglione, S. Tardieu and V.-T. Nguyen,
+# "Activation Map Compression through Tensor Decomposition for Deep
+# Learning", NeurIPS 2024: its poster's table.
+CITATION = ("Nguyen et al., \"Activation Map Compression through Tensor "
+            "Decomposition for Deep Learning\", NeurIPS 2024")
 # (model, k) -> row label -> (peak MB, top-1 %) as published; None: not given.
 PAPER = {
-    ("mobilenet_v2", 2): {"vanilla": (15.31, 62.6), "gradfilter R2": (5.00, 62.6),
-                          "HOSVD ε=0.8": (0.15, 61.1), "HOSVD ε=0.9": (0.43, 61.8),
+    ("mobilenet_v2", 2): {"vanilla": (15.31, 62.6),
+                          "gradfilter R2": (5.00, 62.6),
+                          "HOSVD ε=0.8": (0.15, 61.1),
+                          "HOSVD ε=0.9": (0.43, 61.8),
                           "SVD ε=0.9": (8.97, 62.3)},
-    ("mobilenet_v2", 4): {"vanilla": (28.71, 65.8), "gradfilter R2": (9.38, 65.2),
-                          "HOSVD ε=0.8": (0.73, 63.9), "HOSVD ε=0.9": (1.92, 64.8),
+    ("mobilenet_v2", 4): {"vanilla": (28.71, 65.8),
+                          "gradfilter R2": (9.38, 65.2),
+                          "HOSVD ε=0.8": (0.73, 63.9),
+                          "HOSVD ε=0.9": (1.92, 64.8),
                           "SVD ε=0.9": (20.35, 65.5)},
     ("resnet18", 2): {"vanilla": (12.25, 69.9), "gradfilter R2": (4.00, None),
                       "HOSVD ε=0.8": (0.97, 69.2), "HOSVD ε=0.9": (2.73, 69.5),
@@ -60,9 +70,10 @@ def _stamp(result) -> str:
     partial += (f"{result['resumed_runs']} runs kept from an earlier, "
                 "interrupted run (`--resume`); the time below is the "
                 "resumed run's. ")
-  return partial + (f"Measured {e['date']} on {e['machine']} ({e['device']}), jax "
-          f"{e['jax']}, flax {e['flax']}, in {result['wall_s'] / 60:.0f} min; "
-          f"command: `{result['command']}`.")
+  return partial + (
+      f"Measured {e['date']} on {e['machine']} ({e['device']}), jax "
+      f"{e['jax']}, flax {e['flax']}, in {result['wall_s'] / 60:.0f} min; "
+      f"command: `{result['command']}`.")
 
 
 def _f(x, digits=2) -> str:
@@ -77,7 +88,75 @@ def _missing(part: str) -> list[str]:
 # ------------------------------------------------------------- memory ---
 
 
+def _memory_findings(result) -> list[str]:
+  """Sentences computed from the memory cells.
+
+  Which cells have a negative XLA saving, and whether the frozen prefix sets
+  the whole-network figure: per model and k, the prefix's share is vanilla's
+  whole-network temp less its tail temp; it sets the figure when it exceeds
+  every method's tail saving in that table.
+  """
+  tables = defaultdict(dict)
+  for c in result["cells"]:
+    if "skipped" not in c:
+      tables[(c["model"], c["k"])][c["method"]] = c
+  negative = defaultdict(list)
+  shares, savings, moves = [], [], []
+  below = []  # tables whose best tail saving reaches the prefix's share
+  for (model, k), cells in tables.items():
+    name = f"{MODEL_NAMES.get(model, model)} k = {k}"
+    base = cells.get("vanilla")
+    if base is None or base.get("xla_tail_temp_mib") is None:
+      continue
+    best = None
+    for m, c in cells.items():
+      if m == "vanilla" or c.get("xla_tail_temp_mib") is None:
+        continue
+      saving = base["xla_tail_temp_mib"] - c["xla_tail_temp_mib"]
+      if saving < 0:
+        negative[m].append(name)
+      savings.append((saving, m, name))
+      best = saving if best is None else max(best, saving)
+      if (c.get("xla_whole_temp_mib") is not None
+          and base.get("xla_whole_temp_mib") is not None):
+        moves.append((abs(c["xla_whole_temp_mib"]
+                          - base["xla_whole_temp_mib"]), m, name))
+    if base.get("xla_whole_temp_mib") is not None:
+      share = base["xla_whole_temp_mib"] - base["xla_tail_temp_mib"]
+      shares.append(share)
+      if best is not None and best >= share:
+        below.append(name)
+  out = []
+  if negative:
+    out.append("Negative savings here: " + "; ".join(
+        f"{m} ({', '.join(names)})" for m, names in negative.items()) + ".")
+  elif savings:
+    out.append("No saving is negative here.")
+  if shares and savings:
+    best, bm, bname = max(savings)
+    text = (f"For vanilla the whole-network step held {min(shares):.0f}–"
+            f"{max(shares):.0f} MiB more temp than the tail step (the frozen "
+            f"prefix's share, per model and k); the largest tail saving of "
+            f"any method is {best:.1f} MiB ({bm}, {bname})")
+    if moves:
+      move, mm, mname = max(moves)
+      text += (f", and the whole-network column differs from vanilla's by "
+               f"at most {move:.1f} MiB ({mm}, {mname})")
+    if below:
+      text += (f". In {', '.join(below)} a tail saving reaches the prefix's "
+               "share, so there the trained layers, not the frozen prefix "
+               "alone, set the whole-network figure.")
+    else:
+      text += (". In every table the prefix's share exceeds every tail "
+               "saving: the frozen prefix, not the trained layers, sets the "
+               f"whole-network figure (measured on "
+               f"{result['environment']['device']}).")
+    out.append(text)
+  return out
+
+
 def memory_section(result) -> list[str]:
+  """The memory table's lines (``memory.json``; None: not measured)."""
   lines = ["## Activation memory in the paper's setting", ""]
   if result is None:
     return lines + _missing("memory")
@@ -87,7 +166,7 @@ def memory_section(result) -> list[str]:
       f"{s['steps']} fine-tuning steps on {s['dataset']} (SGD, train.py's "
       "defaults). " + _stamp(result), "",
       "Columns:",
-      "- **paper**: the published peak (MB; ../shared/methods.md §1);",
+      f"- **paper**: the published peak (MB; {CITATION}, poster table);",
       "- **peak / mean**: the paper's analytic count, Σ stored elements × 4 "
       "B at the ranks ε needed, peak and mean over the steps (MiB);",
       "- **capacity**: what our static shapes hold, at the capacities the "
@@ -101,10 +180,8 @@ def memory_section(result) -> list[str]:
       "transient working memory (the frozen layers' outputs, the backward's "
       "gradients, a method's own workspace), not only the saved residuals. "
       "The saving column is therefore what a compiled step really gains; a "
-      "negative saving means the method's transient buffers outweigh what "
-      "it saves at this depth. The whole-network figure is set by the "
-      "frozen prefix's high-resolution layers, whose transients are larger "
-      "than everything the last layers save, at least on the CPU.", ""]
+      "negative saving means that method's compiled step held more temp "
+      "bytes than vanilla's. " + " ".join(_memory_findings(result)), ""]
   by_model = defaultdict(list)
   for c in result["cells"]:
     by_model[c["model"]].append(c)
@@ -149,7 +226,39 @@ def _group(runs):
   return groups
 
 
+def _seeds(n: int) -> str:
+  return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def _mean_std(values) -> str:
+  """``mean ± std (n)``; one value has no spread: ``value (1 seed)``."""
+  values = np.asarray(values)
+  if len(values) == 1:
+    return f"{values[0]:.2f} (1 seed)"
+  return f"{values.mean():.2f} ± {values.std():.2f} ({len(values)})"
+
+
+def _all_layers_note(result) -> str:
+  """How k = all was run: its seeds, methods and the runs' wall time."""
+  s = result["setting"]
+  if "all_methods" not in s:
+    return ""
+  walls = defaultdict(list)
+  for r in result["runs"]:
+    if "skipped" not in r and "wall_s" in r:
+      walls[r["k"]].append(r["wall_s"])
+  note = f" ({_seeds(s['all_seeds'])}, methods {', '.join(s['all_methods'])}"
+  others = [k for k in walls if k != "all"]
+  if walls.get("all") and others:
+    k = others[-1]
+    note += (f"; a run took a median {np.median(walls['all']) / 60:.1f} min "
+             f"at k = all against {np.median(walls[k]) / 60:.1f} min at "
+             f"k = {k}")
+  return note + ")"
+
+
 def accuracy_section(result, results_dir) -> list[str]:
+  """The accuracy tables' lines and the Pareto plot (``accuracy.json``)."""
   lines = ["## Accuracy against activation memory", ""]
   if result is None:
     return lines + _missing("accuracy")
@@ -159,15 +268,13 @@ def accuracy_section(result, results_dir) -> list[str]:
       f"({'ImageNet weights' if s['pretrained'] else 'random init'}), "
       f"{s['dataset']} at {s['image_size']} px, batch {s['batch']}, "
       f"{s['steps']} steps, {s['optimizer']}; top-1 on {s['eval_examples']} "
-      "test images, mean ± std over seeds (n in brackets), and the analytic "
+      "test images, mean ± std over seeds (n in brackets; one seed: its "
+      "value, marked \"1 seed\"), and the analytic "
       "peak activation memory (MiB, mean over seeds). For k ≤ 4 the frozen "
       "prefix is computed once per image and shared by all runs "
       "(`lowrank_vjp.training.cached_features`; the arithmetic is the whole "
       "network's); k = all trains every conv layer from the images"
-      + (f" ({result['setting']['all_seeds']} seed(s), methods "
-         f"{', '.join(result['setting']['all_methods'])}: slow on a CPU)"
-         if "all_methods" in result["setting"] else "") + ". "
-      + _stamp(result), ""]
+      + _all_layers_note(result) + ". " + _stamp(result), ""]
   groups = _group(result["runs"])
   methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
   ks = list(dict.fromkeys(r["k"] for r in result["runs"]))
@@ -184,8 +291,7 @@ def accuracy_section(result, results_dir) -> list[str]:
         continue
       acc = 100 * np.asarray([r["accuracy"] for r in rs])
       mem = np.mean([r["analytic_peak_mib"] for r in rs])
-      cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} ({len(rs)}) · "
-                   f"{mem:.3g} MiB")
+      cells.append(f"{_mean_std(acc)} · {mem:.3g} MiB")
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   skipped = {r["method"]: r["skipped"] for r in result["runs"]
              if "skipped" in r}
@@ -216,6 +322,8 @@ def accuracy_section(result, results_dir) -> list[str]:
 
 
 def variance_section(result, accuracy, results_dir) -> list[str]:
+  """The ranks against ε and over steps (``variance.json``, ``accuracy.json``).
+  """
   lines = ["## Explained variance: ranks against ε and over training", ""]
   if result is None:
     return lines + _missing("variance")
@@ -223,8 +331,9 @@ def variance_section(result, accuracy, results_dir) -> list[str]:
   lines += [
       f"Ranks each mode needs to keep ε of its variance, on one batch of "
       f"{s['batch']} {s['dataset']} images at {s['image_size']} px through "
-      f"MobileNetV2's ({'ImageNet' if s['pretrained'] else 'random'}) "
-      "last four conv inputs. " + _stamp(result), ""]
+      f"{MODEL_NAMES.get(s['model'], s['model'])}'s "
+      f"({'ImageNet' if s['pretrained'] else 'random'}) last "
+      f"{len(result['shapes'])} conv inputs. " + _stamp(result), ""]
   png = plots.plot_ranks_vs_eps(result, results_dir)
   if png:
     lines += [f"![ranks against ε]({png})", ""]
@@ -238,8 +347,11 @@ def variance_section(result, accuracy, results_dir) -> list[str]:
   if accuracy is not None:
     png = plots.plot_ranks_over_steps(accuracy, results_dir)
     if png:
-      lines += ["Ranks over the accuracy runs' training steps (seed 0, "
-                "k = 4):", "", f"![ranks over steps]({png})", ""]
+      kept = [r for r in accuracy["runs"] if "ranks_per_step" in r]
+      which = "; ".join(f"{r['method']}, k = {r['k']}, seed {r['seed']}"
+                        for r in kept)
+      lines += [f"Ranks over the training steps of the accuracy runs that "
+                f"kept them ({which}):", "", f"![ranks over steps]({png})", ""]
   return lines
 
 
@@ -262,7 +374,126 @@ def _speed_table(rows) -> list[str]:
   return lines
 
 
+# The speed sections as the findings name them.
+SPEED_LABELS = {"layers": "the four convolutions", "step": "the whole step"}
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f} %"
+
+
+def _span(values) -> str:
+  """``lo–hi`` to two decimals, or one value where they print the same."""
+  lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+  return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _eps_finding(sections) -> str:
+  """How far a method's ε rows differ, against their repeats' spread.
+
+  A row may carry ``step_times_s`` (every repeat's step time); the spread
+  of a row is (max − min) / median of those. Without them the result holds
+  medians only, and the sentence says that it cannot tell noise apart.
+  """
+  pairs = []  # (section, method, relative difference, spread or None)
+  for name, sec in sections.items():
+    by_method = defaultdict(list)
+    for r in sec["rows"]:
+      if r.get("eps") is not None:
+        by_method[r["method"]].append(r)
+    for m, rs in by_method.items():
+      if len(rs) < 2:
+        continue
+      t = [r["step_s"] for r in rs]
+      repeats = [r.get("step_times_s") for r in rs]
+      spread = (max((max(x) - min(x)) / np.median(x) for x in repeats)
+                if all(repeats) else None)
+      pairs.append((name, m, (max(t) - min(t)) / min(t), spread))
+  if not pairs:
+    return ""
+  text = ("At a fixed capacity ε does not change the work (it only masks "
+          "components). The step times of a method's ε rows differ by "
+          + ", ".join(f"{_pct(d)} ({m}, {SPEED_LABELS.get(n, n)})"
+                      for n, m, d, _ in pairs)
+          + ". ")
+  if any(sp is None for *_, sp in pairs):
+    return text + ("The results keep only each row's median, not the "
+                   "spread of its repeats, so they cannot tell whether "
+                   "these differences are noise.")
+  beyond = [(n, m, d, sp) for n, m, d, sp in pairs if d > sp]
+  if not beyond:
+    return text + ("Each is within the spread (max − min over median) of "
+                   "that method's repeats, as noise would be.")
+  return text + "Larger than the spread of the repeats: " + ", ".join(
+      f"{m}, {SPEED_LABELS.get(n, n)} ({_pct(d)} > {_pct(sp)})"
+      for n, m, d, sp in beyond) + "."
+
+
+def _paper_finding(sections) -> str:
+  """HOSVD's step ratio here against the paper's average slowdown."""
+  ratios = {name: [r["step_ratio"] for r in sec["rows"]
+                   if r["method"] == "hosvd"]
+            for name, sec in sections.items()}
+  ratios = {n: rs for n, rs in ratios.items() if rs}
+  if not ratios:
+    return ""
+  top = max(max(rs) for rs in ratios.values())
+  where = ", ".join(f"{_span(rs)}× ({SPEED_LABELS.get(n, n)})"
+                    for n, rs in ratios.items())
+  side = ("below" if top < PAPER_SLOWDOWN else "not below")
+  return (f"HOSVD's step took {where} vanilla's here, {side} the paper's "
+          f"{PAPER_SLOWDOWN}× average, which was measured on other "
+          "hardware, models and code: not a like-for-like comparison, and "
+          "these results do not say what causes the difference.")
+
+
+def _whole_step_finding(sections) -> str:
+  """The whole step's ratios, and the trained layers' share of its time.
+
+  The share is the ``layers`` section's vanilla step (the trained
+  convolutions alone, same batch, the 7×7 maps they see at
+  ``size / 32``) over the ``step`` section's vanilla step. A method that
+  changed only their time would move the whole step by the share times its
+  change there: that prediction is printed beside the measured ratios.
+  """
+  step = sections.get("step")
+  if not step:
+    return ""
+  ratios = [r["step_ratio"] for r in step["rows"]]
+  off = max(abs(r - 1) for r in ratios)
+  text = (f"In the whole step every method's time is within {_pct(off)} of "
+          f"vanilla's (ratios {_span(ratios)}).")
+  layers = sections.get("layers")
+  base = {n: next((r for r in sec["rows"] if r["method"] == "vanilla"), None)
+          for n, sec in (("layers", layers), ("step", step)) if sec}
+  if (layers and base.get("layers") and base.get("step")
+      and layers.get("batch") == step.get("batch")
+      and layers.get("size") == step.get("size", 0) // 32):
+    share = base["layers"]["step_s"] / base["step"]["step_s"]
+    predicted = [1 + share * (r["step_ratio"] - 1) for r in layers["rows"]]
+    text += (f" The trained convolutions' own step (vanilla, first table) "
+             f"is {_pct(share)} of the whole step's, so a method that "
+             f"changed only their time would land at {_span(predicted)}; "
+             "the rest of the "
+             + ("step (the frozen forward pass, the head, the optimizer) "
+                "dominates." if share < 0.5 else
+                "step takes less than the trained convolutions."))
+  return text
+
+
+def _speed_findings(result, sections) -> list[str]:
+  device = result["environment"]["device"]
+  measured = f"Only {device} was measured."
+  if device.split(":")[0].lower() == "cpu":
+    measured += (" A GPU row needs a rerun on a machine with one "
+                 "(`python experiments/paper_benchmarks.py speed page`).")
+  out = [_eps_finding(sections), _paper_finding(sections),
+         _whole_step_finding(sections), measured]
+  return [x for x in out if x]
+
+
 def speed_section(result) -> list[str]:
+  """The step-time tables' lines (``speed.json``; None: not measured)."""
   lines = ["## Time against vanilla", ""]
   if result is None:
     return lines + _missing("speed")
@@ -280,20 +511,7 @@ def speed_section(result) -> list[str]:
     if "setting" in sec:
       lines += [f"Setting: {sec['setting']}.", ""]
     lines += _speed_table(sec["rows"]) + [""]
-  lines += [
-      "- At a fixed capacity ε does not change the work (it only masks "
-      "components), so the two ε rows of a method differ by noise.",
-      "- Where HOSVD lands against the paper's slowdown: mode Grams and "
-      "`eigh` instead of SVDs of the unfoldings, ranks chosen on the device "
-      "with no host round trip, and a backward in the rank spaces.",
-      "- In the whole step the frozen forward pass over the early, "
-      "high-resolution layers dominates, so every method lands near 1.",
-      "- Only the device named above was measured: a GPU row needs a rerun "
-      "on a machine with one (`python experiments/paper_benchmarks.py speed "
-      "page`).",
-      "- On a shared CPU set `OPENBLAS_NUM_THREADS=1`: OpenBLAS's spinning "
-      "threads made one 320×320 `eigh` take 2.7 s instead of 9 ms under "
-      "contention.", ""]
+  lines += [f"- {x}" for x in _speed_findings(result, sections)] + [""]
   return lines
 
 
@@ -305,8 +523,9 @@ This page is generated: `python experiments/paper_benchmarks.py` measures
 every part and rewrites it (`… paper_benchmarks.py page` re-renders it from
 the results in `docs/benchmarks/`). Each section states the machine,
 versions and date it was measured on. It sets our measurements beside the
-HOSVD paper's (Nguyen et al., NeurIPS 2024; figures from its poster table as
-quoted in ../shared/methods.md §1).
+HOSVD paper's (L.-T. Nguyen, A. Quélennec, E. Tartaglione, S. Tardieu and
+V.-T. Nguyen, "Activation Map Compression through Tensor Decomposition for
+Deep Learning", NeurIPS 2024; figures from its poster table).
 
 Where our setting differs from the paper's:
 
@@ -320,8 +539,8 @@ Where our setting differs from the paper's:
   from a random initialisation, so their ranks (hence the HOSVD and SVD
   memory) describe random features, not pretrained ones; the vanilla, gradient
   filter and quantisation rows depend only on shapes and are unaffected.
-- **Length.** The memory table comes from a short fine-tuning (a few steps);
-  the paper's peak is over its whole run.
+- **Length.** The memory table comes from a short fine-tuning (its section
+  gives the number of steps); the paper's peak is over its whole run.
 - **Static shapes.** Under `jax.jit` shapes are static: a layer holds its
   capacity (the rank controller's rung), not the exact ε-rank. The analytic
   columns give the paper's count at the ε-ranks; the capacity and XLA columns
@@ -330,7 +549,16 @@ Where our setting differs from the paper's:
 
 
 def write(results: str, page: str) -> None:
-  """Renders ``page`` (and PNGs in ``results``) from the JSON results."""
+  """Renders ``page`` (and PNGs in ``results``) from the JSON results.
+
+  Args:
+    results: The directory of ``memory.json``, ``accuracy.json``,
+      ``variance.json`` and ``speed.json`` (any may be missing).
+    page: The Markdown file written (``docs/benchmarks.md``).
+
+  Example:
+    >>> write("docs/benchmarks", "docs/benchmarks.md")  # doctest: +SKIP
+  """
   memory = _load(results, "memory")
   accuracy = _load(results, "accuracy")
   variance = _load(results, "variance")

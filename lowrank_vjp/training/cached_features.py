@@ -33,11 +33,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+import lowrank_vjp as lv
+import lowrank_vjp.flax as lvf
 import lowrank_vjp.rules as lvr
 from lowrank_vjp import models
 from lowrank_vjp.training.config import TrainConfig
+from lowrank_vjp.training.evaluation import evaluate_arrays
 from lowrank_vjp.training.loop import Run, fit
+from lowrank_vjp.training.step import final_variables, make_train_step
 
 _BLOCK = re.compile(r"^([^/]+/\d+)/")
 
@@ -291,3 +296,90 @@ def finetune(net: CutNet, settings, k: int, seed: int,
       plan.layer(p).order >= net.first_order for p in plan.trainable)
   return fit(net.tail if cached else net.model, plan, net.variables, batches,
              config, seed=seed, image_size=None if cached else net.image_size)
+
+
+def evaluate_run(net: CutNet, run: Run, inputs, labels) -> float:
+  """Top-1 accuracy of a :func:`finetune` run on ``inputs`` (features when
+  ``run.cached``, else images; see :func:`eval_inputs`)."""
+  return evaluate_arrays(
+      net.tail if run.cached else net.model,
+      final_variables(run.plan, run.state, run.frozen), inputs, labels,
+      image_size=None if run.cached else net.image_size)
+
+
+def image_batches(split, steps: int, batch: int, seed: int,
+                  image_size: int) -> list[tuple[Any, jax.Array]]:
+  """``(images, labels)`` for each step, drawn as train.py draws batches."""
+  return [(x, jnp.asarray(y)) for x, y in (
+      split.get(split.batch_indices(i, batch, seed), image_size)
+      for i in range(steps))]
+
+
+def eval_inputs(net: CutNet, split, n: int, cached: bool = True,
+                batch: int = 250):
+  """The first ``n`` examples of ``split`` (all if ``n <= 0``) as model
+  inputs: ``(block inputs, labels)`` when ``cached`` and ``net`` has a cut,
+  else ``(images, labels)``."""
+  idx = np.arange(min(n, len(split)) if n > 0 else len(split))
+  images, labels = split.get(idx, net.image_size)
+  if net.tail is None or not cached:
+    return images, jnp.asarray(labels)
+  feats = featurizer(net)
+  parts = [feats(images[i:i + batch]) for i in range(0, len(idx), batch)]
+  return jnp.concatenate(parts), jnp.asarray(labels)
+
+
+def step_memory(net: CutNet, run: Run, features_shape: Sequence[int],
+                labels: jax.ShapeDtypeStruct):
+  """XLA's memory of a run's training step: the tail alone and the whole.
+
+  Args:
+    net: The :class:`CutNet`.
+    run: A :func:`finetune` run on cached features.
+    features_shape: Shape of one batch of block inputs.
+    labels: The labels' shape and dtype.
+
+  Returns:
+    ``(tail, whole)`` :class:`lowrank_vjp.measure.XlaMemory`: the step from
+    the cached features, and the step of the whole network from ``uint8``
+    images, both at the run's final capacities.
+  """
+  caps = run.capacities()
+  tail = lv.measure.xla_memory(
+      run.step_fn, run.state, run.frozen,
+      jax.ShapeDtypeStruct(tuple(features_shape), jnp.float32), labels,
+      capacities=caps)
+  s = net.image_size
+  whole_fn = make_train_step(net.model, run.plan, run.tx, 0, s)
+  images = jax.ShapeDtypeStruct((labels.shape[0], s, s, 3), jnp.uint8)
+  whole = lv.measure.xla_memory(whole_fn, run.state, run.frozen, images,
+                                labels, capacities=caps)
+  return tail, whole
+
+
+def needed_ranks(net: CutNet, features, settings,
+                 k: int = 4) -> dict[str, list[int]]:
+  """The ranks ε needs per mode of the last ``k`` conv inputs, on one batch.
+
+  Args:
+    net: A :class:`CutNet` with a cut behind which the ``k`` layers sit.
+    features: One batch of block inputs.
+    settings: Settings of the compressed layers (HOSVD).
+    k: How many conv layers.
+
+  Returns:
+    ``{module path: [rank per mode]}``.
+  """
+  plan = lvr.make_plan(net.layers, lvr.fine_tune_last(
+      net.layers, k, settings, head=net.spec.head))
+
+  @jax.jit
+  def stats(v, x):
+    with plan.intercept():
+      _, st = net.tail.apply(v, x, train=True, mutable=["compression"],
+                             rngs={"dropout": jax.random.key(0)})
+    return lvf.collect_stats(st)
+
+  st = stats(net.variables, features)
+  return {p: [int(r) for r in np.asarray(v.needed_ranks).ravel()]
+          for p, v in st.items()}

@@ -107,4 +107,5 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and closes the manager."""
     self.manager.close()

@@ -154,7 +154,8 @@ class Split:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of ``uint8[H, W, C]`` (C = 1 or 3) to ``[size, size, C]``."""
+  """Bilinear resize of ``uint8[H, W, C]`` (C: 1 or 3) to ``[size, size, C]``.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if image.shape[-1] == 1:
     out = Image.fromarray(image[..., 0]).resize((size, size),

@@ -39,7 +39,7 @@ def make_controller(plan: lvr.Plan, *, patience: int, headroom: float
   Returns:
     A fresh :class:`lowrank_vjp.RankController`, or None.
   """
-  if not any(methods.uses_ranks(dict(s)) for _, s in plan.compressed):
+  if not any(methods.uses_ranks(s) for _, s in plan.compressed):
     return None
   return lv.RankController(patience=patience, headroom=headroom)
 

@@ -1,12 +1,12 @@
-"""Method names to layer settings: the one place that reads method strings.
+"""Run names to layer settings, by asking the methods themselves.
 
 The experiments name a run by a string (``--method vanilla,hosvd,asi``); the
 compressed layers take settings (the keyword arguments of
 :func:`lowrank_vjp.flax.conv_cls`, also accepted by
-:func:`lowrank_vjp.compressed_conv`). Everything that depends on which method
-a string or a settings dict names goes through the functions here, so that
-moving to method values (``lowrank_vjp.methods``) is a change to this file
-only:
+:func:`lowrank_vjp.compressed_conv`). Which method a name or a settings dict
+means is decided by :func:`lowrank_vjp.methods.resolve` alone; the functions
+here ask the resolved method what it is (its settings, its class, whether it
+is stateful), so a new method needs no edit here:
 
 * :func:`method_settings`: a name, ε and the user's extra settings to the
   layer settings, passing ε only to the methods that take it;
@@ -17,16 +17,28 @@ only:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
 
+from lowrank_vjp import methods as lvm
+from lowrank_vjp._src.methods import base as methods_base
+
 VANILLA = "vanilla"
 """The run name of exact backprop (the layers run ``method="none"``)."""
 
-_NONE = ("none", VANILLA)
-_EPS = frozenset({"hosvd", "svd"})       # take eps; ranks follow it
-_STATEFUL = frozenset({"asi"})           # factors carried from step to step
+
+def _method(settings: Any) -> lvm.Method:
+  """The method that settings (None, a name, a dict or a value) mean."""
+  if settings is None:
+    return lvm.Vanilla()
+  return lvm.resolve(settings)
+
+
+def _takes(name: str, setting: str) -> bool:
+  cls = methods_base.method_class(name)
+  return setting in {f.name for f in dataclasses.fields(cls)}
 
 
 def run_names(methods: str) -> list[str]:
@@ -53,7 +65,7 @@ def run_names(methods: str) -> list[str]:
 
 def is_vanilla(name: str) -> bool:
   """Whether run ``name`` is exact backprop (``"vanilla"`` or ``"none"``)."""
-  return name in _NONE
+  return methods_base.method_class(name) is lvm.Vanilla
 
 
 def method_settings(name: str, *, eps: float | None = None,
@@ -62,11 +74,12 @@ def method_settings(name: str, *, eps: float | None = None,
   """The settings of the compressed layers of run ``name``.
 
   ``eps`` (and ``on_overflow="ignore"``: the overflows are reported, and the
-  rank controller acts on them) go only to the methods that take them:
-  ``"hosvd"`` and ``"svd"``. ASI takes ``ranks`` / ``rank_fraction``, the
-  quantizer ``bits`` / ``per_channel`` / ``stochastic``, the gradient filter
-  ``radius``, and vanilla and checkpointing nothing; those come, for any
-  method, from ``method_kwargs``.
+  rank controller acts on them) go only to the methods that take them
+  (``"hosvd"`` and ``"svd"`` among the built-in ones). ASI takes ``ranks``
+  / ``rank_fraction``, the quantizer ``bits`` / ``per_channel`` /
+  ``stochastic``, the gradient filter ``radius``, and vanilla and
+  checkpointing nothing; those come, for any method, from
+  ``method_kwargs``.
 
   Args:
     name: ``"vanilla"`` (or ``"none"``) or a method of
@@ -94,10 +107,11 @@ def method_settings(name: str, *, eps: float | None = None,
   if is_vanilla(name):
     return {"method": "none"}
   settings: dict[str, Any] = {"method": name}
-  if name in _EPS:
+  if _takes(name, "eps"):
     if eps is not None:
       settings["eps"] = eps
-    settings["on_overflow"] = "ignore"
+    if _takes(name, "on_overflow"):
+      settings["on_overflow"] = "ignore"
   return {**settings, **extra}
 
 
@@ -117,27 +131,39 @@ def settings_for(name: str, config) -> dict[str, Any]:
                          method_kwargs=config.method_kwargs)
 
 
-def method_name(settings: Mapping[str, Any]) -> str:
-  """The method that layer ``settings`` run (``"none"`` for vanilla)."""
-  return str(dict(settings).get("method", "none"))
+def method_name(settings: Any) -> str:
+  """The method that layer ``settings`` run (``"none"`` for vanilla).
+
+  Args:
+    settings: A settings dict (``{"method": name, ...}``, as
+      :func:`method_settings` returns) or a method value (as a fine-tuning
+      plan holds), whose class ``name`` is its shorthand.
+
+  Example:
+    >>> method_name({"method": "svd", "eps": 0.9})
+    'svd'
+  """
+  return _method(settings).label
 
 
-def uses_ranks(settings: Mapping[str, Any]) -> bool:
+def uses_ranks(settings: Any) -> bool:
   """Whether ``settings`` keep ε-ranks in static capacities (HOSVD, SVD).
 
   Those are the methods a :class:`lowrank_vjp.RankController` steers and
-  whose run label shows ε.
+  whose run label shows ε. ``settings`` as for :func:`method_name`.
   """
-  return method_name(settings) in _EPS
+  method = _method(settings)
+  return isinstance(method, lvm.TuckerMethod) and not method.stateful
 
 
-def carries_state(settings: Mapping[str, Any]) -> bool:
+def carries_state(settings: Any) -> bool:
   """Whether ``settings`` carry factors from step to step (ASI).
 
   Their layers keep a ``lowrank_vjp.flax.ASI_COLLECTION`` collection that the
   training state holds (:func:`~lowrank_vjp.training.init_asi_state`).
+  ``settings`` as for :func:`method_name`.
   """
-  return method_name(settings) in _STATEFUL
+  return _method(settings).stateful
 
 
 def run_label(name: str, settings: Mapping[str, Any]) -> str:
@@ -160,7 +186,7 @@ def run_label(name: str, settings: Mapping[str, Any]) -> str:
   # Shown only where it decides something (user settings may add it).
   shown = {k: v for k, v in settings.items()
            if k not in ("method", "on_overflow")
-           and (k != "eps" or uses_ranks(settings))}
+           and (k != "eps" or _takes(name, "eps"))}
   inner = ",".join(f"{k}={v}" for k, v in shown.items())
   return f"{name}({inner})" if inner else name
 

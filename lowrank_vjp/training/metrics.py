@@ -98,6 +98,7 @@ class MetricsWriter:
     self._file.flush()
 
   def close(self) -> None:
+    """Closes the file."""
     self._file.close()
 
   def __enter__(self) -> MetricsWriter:

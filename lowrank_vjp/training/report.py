@@ -19,7 +19,14 @@ from lowrank_vjp.training.metrics import MiB
 
 
 def compiled_memory(compiled) -> lv.measure.XlaMemory:
-  """XLA's memory figures of a compiled step (``jit(f).lower(...).compile()``)."""
+  """XLA's memory figures of a compiled step.
+
+  Args:
+    compiled: ``jax.jit(f).lower(...).compile()``.
+
+  Returns:
+    Its argument, output, temp and alias bytes, on the default device.
+  """
   m = compiled.memory_analysis()
   return lv.measure.XlaMemory(
       int(m.argument_size_in_bytes), int(m.output_size_in_bytes),

@@ -29,7 +29,7 @@ from lowrank_vjp.training import methods
 
 def uses_asi(plan: lvr.Plan) -> bool:
   """Whether some layer of ``plan`` runs ASI (factors carried as state)."""
-  return any(methods.carries_state(dict(s)) for _, s in plan.compressed)
+  return any(methods.carries_state(s) for _, s in plan.compressed)
 
 
 def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:

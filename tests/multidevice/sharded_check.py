@@ -1,6 +1,6 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8; prints JSON.
 
-Called by tests/test_sharding.py in a fresh process (the device count must be
+Called by tests/ops/test_sharding.py in a fresh process (the device count must be
 set before JAX starts).
 """
 
@@ -74,7 +74,56 @@ def main():
   gd = jax.jit(jax.grad(f(dense), argnums=(0, 1)))(wd, xd)
   rd = jax.grad(f(lax.dot_general), argnums=(0, 1))(wd, np.asarray(xd))
   out["dense"] = dict(dw_err=rel(gd[0], rd[0]), dx_err=rel(gd[1], rd[1]))
+  out.update(per_shard_semantics(x, w, loss))
   print(json.dumps(out))
+
+
+def _per_shard_reference(conv, loss, w, x, shards=8):
+  """``Σ_d grad(loss)(w, x_d)``: each shard compressed on its own."""
+  xs = np.split(np.asarray(x), shards)
+  total = 0
+  for xd in xs:
+    total = total + jax.grad(loss(conv))(np.asarray(w), jnp.asarray(xd))
+  return total
+
+
+def per_shard_semantics(x, w, loss):
+  """ε < 1 on explicit axes, and compressed layers inside a user's shard_map.
+
+  Both compress each device's shard on its own; the weight gradient is the
+  sum of the per-shard ones, which the reference computes without a mesh.
+  """
+  out = {}
+  methods = {"hosvd(0.7)": lv.methods.Hosvd(eps=0.7, on_overflow="ignore"),
+             "svd(0.7)": lv.methods.Svd(eps=0.7, on_overflow="ignore"),
+             "hosvd(1)": lv.methods.Hosvd(eps=1.0),
+             "gradfilter": lv.methods.GradFilter(radius=2),
+             "quant": lv.methods.Quant(bits=4),
+             "checkpoint": lv.methods.Checkpoint(),
+             "none": lv.methods.Vanilla()}
+  explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+  ws = jax.device_put(w, NamedSharding(explicit, P()))
+  for name, method in methods.items():
+    conv = lv.compressed_conv(method=method)
+    want = _per_shard_reference(conv, loss, w, x)
+    try:
+      got = jax.jit(jax.grad(loss(conv)))(ws, xs)
+      out[f"explicit_eps/{name}"] = dict(dw_err=rel(got, want))
+    except Exception as e:  # pylint: disable=broad-except
+      out[f"explicit_eps/{name}"] = dict(error=f"{type(e).__name__}: {e}")
+
+    def local(w, x, conv=conv):
+      return jax.grad(loss(conv))(w, x)
+
+    user = jax.jit(jax.shard_map(local, mesh=explicit, in_specs=(P(), P("data")),
+                                 out_specs=P()))
+    try:
+      got = user(ws, xs)
+      out[f"user_shard_map/{name}"] = dict(dw_err=rel(got, want))
+    except Exception as e:  # pylint: disable=broad-except
+      out[f"user_shard_map/{name}"] = dict(error=f"{type(e).__name__}: {e}")
+  return out
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_vjp._src.methods import base as config_lib
-from lowrank_vjp._src.ops import conv_tucker as conv_rule
-from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.tensor import hosvd as decompositions
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src.methods import base as methods_base
+from lowrank_vjp._src.methods import tucker as tucker_methods
+from lowrank_vjp._src.ops import conv as conv_lib
+from lowrank_vjp._src.tensor import tucker as tucker_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +52,20 @@ class RankOption:
   error: float
 
 
-def _options(sample: LayerSample, eps_grid, method) -> list[RankOption]:
+def _options(sample: LayerSample, eps_grid,
+             method: tucker_methods.EpsTuckerMethod) -> list[RankOption]:
   rhs = jax.ShapeDtypeStruct(sample.rhs_shape, sample.lhs[0].dtype)
   options = []
   for eps in eps_grid:
-    cfg = config_lib.CompressionConfig(method=method, eps=eps,
-                                       rank_fraction=1.0)
+    m = dataclasses.replace(method, eps=eps, ranks=None, rank_fraction=1.0,
+                            on_overflow="ignore")
     ranks, errors = None, []
     for x, g in zip(sample.lhs, sample.cotangents):
-      spec = conv_spec_lib.conv_spec(x, rhs, **sample.conv_kwargs)
-      capacity = cfg.capacity(x.shape, spec.batch_axis)
-      res, stats = decompositions.tucker_compress(x, capacity, eps, method)
-      approx = conv_rule.weight_grad(spec, res, g)
-      exact = conv_rule.weight_grad_reference(
-          spec, residuals.TuckerResidual(x, (None,) * x.ndim), g)
+      spec = conv_lib.conv_spec(x, rhs, **sample.conv_kwargs)
+      capacity = m.capacity(x.shape, spec.batch_axis)
+      res, stats, _ = m.compress_for(spec, x, None)
+      approx = m.weight_grad(spec, res, g)
+      exact = spec.weight_grad(x, g)
       errors.append(float(jnp.linalg.norm(approx - exact)
                           / jnp.maximum(jnp.linalg.norm(exact), 1e-30)))
       need = np.asarray(stats.needed_ranks)
@@ -74,7 +73,7 @@ def _options(sample: LayerSample, eps_grid, method) -> list[RankOption]:
     ranks = tuple(None if c is None else int(r)
                   for c, r in zip(capacity, ranks))
     itemsize = jnp.dtype(sample.lhs[0].dtype).itemsize
-    nbytes = residuals.tucker_nbytes(sample.lhs[0].shape, ranks, itemsize, 4)
+    nbytes = tucker_lib.tucker_nbytes(sample.lhs[0].shape, ranks, itemsize, 4)
     options.append(RankOption(eps, ranks, nbytes, float(np.mean(errors))))
   return options
 
@@ -82,14 +81,16 @@ def _options(sample: LayerSample, eps_grid, method) -> list[RankOption]:
 def plan_ranks(samples: Mapping[str, LayerSample], budget_bytes: int,
                eps_grid: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
                                             0.99),
-               method: str = "hosvd"):
+               method: tucker_methods.EpsTuckerMethod | str = "hosvd"):
   """Per-layer ranks minimising weight-gradient error within a byte budget.
 
   Args:
     samples: Layer name to :class:`LayerSample` (a few calibration batches).
     budget_bytes: Total bytes all layers' residuals may occupy.
     eps_grid: Candidate ε per layer.
-    method: ``"hosvd"`` or ``"svd"``.
+    method: An ε method (:class:`lowrank_vjp.methods.Hosvd` or
+      :class:`~lowrank_vjp.methods.Svd`, or ``"hosvd"`` / ``"svd"``); its ε,
+      ranks and ``on_overflow`` are replaced by each candidate's.
 
   Returns:
     ``(capacities, chosen)``: ``{layer: ranks}`` for
@@ -99,6 +100,10 @@ def plan_ranks(samples: Mapping[str, LayerSample], budget_bytes: int,
     ValueError: if even the smallest setting of every layer exceeds the
       budget.
   """
+  method = methods_base.resolve(method)
+  if not isinstance(method, tucker_methods.EpsTuckerMethod):
+    raise ValueError(f"plan_ranks needs an eps method (hosvd or svd), got "
+                     f"{method!r}.")
   options = {name: sorted(_options(s, eps_grid, method),
                           key=lambda o: o.nbytes)
              for name, s in samples.items()}

@@ -28,17 +28,16 @@ the scope inside the step, so that a new setting compiles a new program::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import threading
-from collections.abc import Iterator, Mapping
+import numbers
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from lowrank_vjp._src.methods import base as config_lib
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.tensor import capacity as capacity_lib
 
 Capacity = tuple[int | None, ...]
 CapacityKey = tuple[tuple[str, Capacity], ...]
@@ -81,11 +80,6 @@ class RankLadder:
     return int(bound)
 
 
-def _rank_bound(shape, axis):
-  size = math.prod(shape)
-  return max(1, min(shape[axis], size // max(shape[axis], 1)))
-
-
 @dataclasses.dataclass
 class _LayerState:
   capacity: Capacity
@@ -112,10 +106,17 @@ class RankController:
 
   def __init__(self, ladder: RankLadder | None = None, patience: int = 50,
                headroom: float = 1.0):
-    if patience < 1:
-      raise ValueError(f"patience must be >= 1, got {patience!r}.")
-    if headroom < 1.0:
-      raise ValueError(f"headroom must be >= 1, got {headroom!r}.")
+    if (isinstance(patience, bool) or not isinstance(patience, numbers.Integral)
+        or patience < 1):
+      raise ValueError(f"RankController: patience must be an int >= 1 (steps),"
+                       f" got {patience!r}.")
+    if (isinstance(headroom, bool) or not isinstance(headroom, numbers.Real)
+        or not math.isfinite(float(headroom)) or headroom < 1.0):
+      raise ValueError(f"RankController: headroom must be a finite number >= "
+                       f"1, got {headroom!r}.")
+    if ladder is not None and not isinstance(ladder, RankLadder):
+      raise ValueError(f"RankController: ladder must be a RankLadder, got "
+                       f"{ladder!r}.")
     self.ladder = ladder or RankLadder()
     self.patience = int(patience)
     self.headroom = float(headroom)
@@ -139,7 +140,7 @@ class RankController:
       return None
     return tuple(sorted(self.capacities.items()))
 
-  def observe(self, stats: Mapping[str, residuals.CompressionStats]) -> bool:
+  def observe(self, stats: Mapping[str, stats_lib.CompressionStats]) -> bool:
     """Updates capacities from one step's statistics.
 
     Args:
@@ -170,7 +171,7 @@ class RankController:
         if c is None:
           continue
         need = int(needed[a])
-        bound = _rank_bound(s.shape, a)
+        bound = capacity_lib.rank_bound(s.shape, a)
         if need > c or need > int(kept[a]):
           cap[a] = max(c, self._grow_to(need, s.shape, a))
           layer.below[a], layer.window_max[a] = 0, 0
@@ -218,40 +219,5 @@ class RankController:
     self.redos = int(state["redos"])
 
   def _grow_to(self, need: int, shape, axis) -> int:
-    bound = _rank_bound(shape, axis)
+    bound = capacity_lib.rank_bound(shape, axis)
     return self.ladder.fit(min(bound, math.ceil(need * self.headroom)), bound)
-
-
-_SCOPE = threading.local()
-
-
-@contextlib.contextmanager
-def rank_capacities(
-    capacities: Mapping[str, Capacity] | CapacityKey | None
-) -> Iterator[None]:
-  """Sets per-layer rank capacities for the compressed layers traced inside.
-
-  Read at trace time by the Flax adapters, keyed by module path (the keys of
-  :func:`lowrank_vjp.flax.collect_stats`). Layers without an entry keep their
-  own configuration. Open it inside the jitted function and pass the
-  capacities as a static argument (see the module docstring).
-
-  Args:
-    capacities: ``{layer: capacity}``, a :meth:`RankController.key`, or None
-      (no override).
-  """
-  previous = getattr(_SCOPE, "value", None)
-  _SCOPE.value = None if capacities is None else dict(capacities)
-  try:
-    yield
-  finally:
-    _SCOPE.value = previous
-
-
-def configured(config: config_lib.CompressionConfig,
-               layer: str) -> config_lib.CompressionConfig:
-  """``config`` with the capacity the current scope sets for ``layer``."""
-  scope = getattr(_SCOPE, "value", None)
-  if not scope or layer not in scope or config.method not in ("hosvd", "svd"):
-    return config
-  return dataclasses.replace(config, ranks=tuple(scope[layer]))

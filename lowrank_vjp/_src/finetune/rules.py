@@ -29,9 +29,9 @@ import jax
 from flax import traverse_util
 
 from lowrank_vjp._src.flax import linen as flax_adapters
+from lowrank_vjp._src.methods import base as methods_base
 
 _ADAPTERS = (flax_adapters.CompressedConvGeneralDilated,
-             flax_adapters.AsiConvGeneralDilated,
              flax_adapters.CompressedDotGeneral)
 
 
@@ -43,6 +43,16 @@ def _freeze(value):
   return value
 
 
+def _method(settings) -> methods_base.Method:
+  """A rule's settings as a method: a Method, a dict or ``(key, value)`` s."""
+  if isinstance(settings, methods_base.Method | str):
+    return methods_base.resolve(settings)
+  if not isinstance(settings, Mapping):
+    settings = dict(settings)
+  settings = {k: _freeze(v) for k, v in settings.items()}
+  return methods_base.resolve(settings)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """Train the layers whose module path matches ``pattern``.
@@ -51,11 +61,11 @@ class Rule:
     pattern: Regex matched with ``re.fullmatch`` against module paths joined
       by ``/`` (``"features/17/conv/1/0"``, ``"layer4/1/conv2"``). The first
       rule that matches a layer decides for it.
-    settings: Keyword arguments for :func:`lowrank_vjp.flax.conv_cls` /
-      :func:`lowrank_vjp.flax.dense_cls` (``method``, ``eps``, ``ranks``, …;
-      passed through unchecked, so any method the library knows works),
-      stored as sorted ``(key, value)`` pairs; a dict is accepted. ``None``
-      trains the layer with its own, uncompressed contraction.
+    settings: The compression method of the matched layers: a
+      :class:`lowrank_vjp.methods.Method`, a shorthand string, or a dict
+      ``{"method": name, **settings}`` (checked and resolved when the rule
+      is made). ``None`` trains the layer with its own, uncompressed
+      contraction.
     train_bn: Also train the BatchNorm applied right after each matched
       convolution (and any matched BatchNorm): batch statistics, running
       averages updated, scale and bias trained. By default BatchNorm stays
@@ -64,7 +74,8 @@ class Rule:
 
   Example::
 
-    lvr.Rule(r"features/1[78]/.*", {"method": "hosvd", "eps": 0.8})
+    lvr.Rule(r"features/1[78]/.*", lv.methods.Hosvd(eps=0.8))
+    lvr.Rule(r"layer4/.*", {"method": "svd", "eps": 0.9})   # the same form
     lvr.Rule("classifier/1")          # train the head, uncompressed
   """
 
@@ -79,19 +90,16 @@ class Rule:
       raise ValueError(
           f"Rule pattern {self.pattern!r} is not a regex: {e}") from e
     if self.settings is not None:
-      settings = self.settings
-      if not isinstance(settings, Mapping):
-        settings = dict(settings)
-      object.__setattr__(self, "settings", _freeze(settings))
+      object.__setattr__(self, "settings", _method(self.settings))
 
   def matches(self, path: str) -> bool:
     """Whether ``path`` (``/``-joined) matches :attr:`pattern` in full."""
     return re.fullmatch(self.pattern, path) is not None
 
   @property
-  def kwargs(self) -> dict[str, Any] | None:
-    """:attr:`settings` as a dict (None for an uncompressed rule)."""
-    return None if self.settings is None else dict(self.settings)
+  def method(self) -> methods_base.Method | None:
+    """The compression method (None for an uncompressed rule)."""
+    return self.settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +244,8 @@ def fine_tune_last(layers: Sequence[Layer], k: int, settings=None, *,
   Args:
     layers: From :func:`discover`.
     k: Number of convolutions, counted from the output (see :func:`last_k`).
-    settings: Compression settings for them (a dict for
-      :func:`lowrank_vjp.flax.conv_cls`), or None for vanilla backprop.
+    settings: Their compression method (a :class:`lowrank_vjp.methods.Method`,
+      a shorthand or a settings dict), or None for vanilla backprop.
     exclude: Convolutions not counted (and left frozen).
     head: Regex of further layers trained uncompressed (the classifier).
     train_bn: Train the BatchNorms that follow the chosen convolutions.
@@ -284,7 +292,7 @@ class Plan:
 
   Attributes:
     layers: The model's layers (from :func:`discover`).
-    compressed: ``(path, settings)`` for each trained ``nn.Conv`` /
+    compressed: ``(path, method)`` for each trained ``nn.Conv`` /
       ``nn.Dense`` whose contraction is replaced, in call order.
     trainable: Module paths whose parameters are trained, in call order.
     train_bn: BatchNorm paths run in training mode (and trained).
@@ -318,19 +326,19 @@ class Plan:
     :func:`lowrank_vjp.flax.conv_cls` (:func:`~lowrank_vjp.flax.dense_cls`),
     which sows :class:`lowrank_vjp.CompressionStats` into the
     ``"compression"`` collection (read it with
-    :func:`lowrank_vjp.flax.collect_stats`); with ``method="asi"`` the
-    layers also keep their factors in the ``"asi_state"`` collection, which
-    the caller passes in and makes mutable; BatchNorms in
+    :func:`lowrank_vjp.flax.collect_stats`); with a stateful method (ASI)
+    the layers also keep their state in the ``"asi_state"`` collection,
+    which the caller passes in and makes mutable; BatchNorms in
     :attr:`train_bn` use batch statistics, the others (with
     :attr:`freeze_bn`) their running averages.
     """
     convs, denses = {}, {}
-    for path, settings in self.compressed:
+    for path, method in self.compressed:
       kind = self.layer(path).kind
       target = convs if kind == "conv" else denses
       make = (flax_adapters.conv_cls if kind == "conv"
               else flax_adapters.dense_cls)
-      target[path] = make(**dict(settings))
+      target[path] = make(method)
     bn_train = frozenset(self.train_bn)
     freeze_bn = self.freeze_bn
 
@@ -415,8 +423,7 @@ class Plan:
     for path in self.trainable:
       layer = self.layer(path)
       s = settings.get(path)
-      text = ("uncompressed" if s is None else
-              ", ".join(f"{k}={v}" for k, v in s))
+      text = "uncompressed" if s is None else repr(s)
       if path in self.train_bn:
         text = "batch statistics, trained"
       lines.append(f"{path:<44} {layer.kind:<10} "

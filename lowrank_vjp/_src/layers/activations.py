@@ -114,26 +114,41 @@ def slope_grid(name: str, bits: int) -> tuple[int, int]:
 
 
 def _check_slope_bits(bits):
-  if isinstance(bits, bool) or bits not in SLOPE_BITS:
-    raise ValueError(f"bits must be one of {SLOPE_BITS}, got {bits!r}.")
+  if (isinstance(bits, bool) or not isinstance(bits, (int, np.integer))
+      or bits not in SLOPE_BITS):
+    raise ValueError(f"bits must be one of {SLOPE_BITS} (an int), got "
+                     f"{bits!r}.")
 
 
 def _slope(fn, x):
-  """``f'(x)`` elementwise, with JAX's own rule at kinks."""
-  return jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
+  """``f'(x)`` elementwise, with JAX's own rule at kinks.
+
+  At ``±inf`` the slope is its limit (1 and 0 for these activations), where
+  the product rule gives ``inf · 0 = nan``; a NaN input keeps a NaN slope.
+  """
+  slope = jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
+  return jnp.where(jnp.isposinf(x), 1.0,
+                   jnp.where(jnp.isneginf(x), 0.0, slope)).astype(slope.dtype)
+
+
+def _nan_code(bits: int) -> int:
+  """The code reserved for a NaN slope (the grid never reaches it)."""
+  return 2**bits - 1
 
 
 def _encode_slope(name, bits, slope):
   n, m = slope_grid(name, bits)
   codes = jnp.clip(jnp.round(slope.astype(jnp.float32) * n) + m, 0,
-                   2**bits - 1)
+                   _nan_code(bits) - 1)
+  codes = jnp.where(jnp.isnan(slope), _nan_code(bits), codes)
   return packing.pack(codes.astype(jnp.uint32), bits)
 
 
 def _decode_slope(name, bits, words, like):
   n, m = slope_grid(name, bits)
   codes = packing.unpack(words, bits, like.shape).astype(jnp.float32)
-  return ((codes - m) / n).astype(like.dtype)
+  slope = jnp.where(codes == _nan_code(bits), jnp.nan, (codes - m) / n)
+  return slope.astype(like.dtype)
 
 
 _FUNCTIONS = {

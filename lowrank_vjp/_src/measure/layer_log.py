@@ -14,9 +14,10 @@ import contextvars
 import dataclasses
 from typing import Any
 
-_ADAPTERS = ("CompressedConvGeneralDilated", "AsiConvGeneralDilated",
-             "CompressedDotGeneral")
-"""Class names of the Flax adapters (lowrank_vjp.flax)."""
+ADAPTERS = ("CompressedConvGeneralDilated", "CompressedDotGeneral")
+"""Class names of the Linen adapters (lowrank_vjp.flax): the one list."""
+
+_KINDS = {"conv": "conv", "dot": "dense"}
 
 _ACTIVE: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "lowrank_vjp_layer_log", default=None)
@@ -31,9 +32,9 @@ class LayerRecord:
       ``"#<call>"`` appended from its second call), else
       ``"<kind>_<index>"``.
     kind: ``"conv"`` or ``"dense"``.
-    config: The layer's ``CompressionConfig``.
+    method: The layer's :class:`lowrank_vjp.methods.Method`.
     spec: Its ``ConvSpec`` / ``DotSpec``.
-    method: ``config.method``.
+    label: The method's name in statistics (``"hosvd"``, …).
     shape: The activation's shape.
     itemsize: Bytes per activation element.
     formula_bytes: What the method's formula says the residual occupies.
@@ -41,9 +42,9 @@ class LayerRecord:
 
   name: str
   kind: str
-  config: Any
+  method: Any
   spec: Any
-  method: str
+  label: str
   shape: tuple[int, ...]
   itemsize: int
   formula_bytes: int
@@ -57,7 +58,7 @@ def _module_path() -> str | None:
     return None
   for module in reversed(stack):
     # The adapters are the layers' own sub-modules: name the layer instead.
-    if module is None or type(module).__name__ in _ADAPTERS:
+    if module is None or type(module).__name__ in ADAPTERS:
       continue
     path = getattr(module, "path", None)
     if path:
@@ -65,11 +66,16 @@ def _module_path() -> str | None:
   return None
 
 
-def record(kind: str, config, spec, stats) -> None:
-  """Logs one layer call if a :func:`recording` is open."""
+def record(op, method, stats) -> None:
+  """Logs one layer call if a :func:`recording` is open.
+
+  Only convolutions and ``dot_general`` s are logged (a decorated function
+  of another form has no layer to report).
+  """
   log = _ACTIVE.get()
-  if log is None:
+  if log is None or op.kind not in _KINDS:
     return
+  kind = _KINDS[op.kind]
   name = _module_path()
   if name is None:
     name = f"{kind}_{sum(r.kind == kind for r in log)}"
@@ -77,7 +83,7 @@ def record(kind: str, config, spec, stats) -> None:
     calls = sum(r.name.split("#")[0] == name for r in log)
     name = f"{name}#{calls}" if calls else name
   log.append(LayerRecord(
-      name=name, kind=kind, config=config, spec=spec, method=stats.method,
+      name=name, kind=kind, method=method, spec=op, label=stats.method,
       shape=tuple(stats.shape), itemsize=int(stats.itemsize),
       formula_bytes=int(stats.residual_nbytes)))
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from lowrank_vjp._src import dropins as compressed
+from lowrank_vjp._src import dropins
 from lowrank_vjp._src.measure import layer_log as layer_log
 from lowrank_vjp._src.measure import xla as measure
 
@@ -125,14 +125,11 @@ def _avals(args):
 
 
 def _layer_fn(record: layer_log.LayerRecord) -> Callable:
-  spec, config = record.spec, record.config
-  if record.kind == "conv":
-    return lambda lhs, rhs: compressed._conv_with_spec(  # pylint: disable=protected-access
-        config, spec, lhs, rhs)[0]
-  dense = compressed.CompressedDense(config)
-  return lambda lhs, rhs: dense.with_stats(
-      lhs, rhs, spec.dimension_numbers, spec.precision,
-      spec.preferred_element_type)[0]
+  spec, method = record.spec, record.method
+  if method.stateful:
+    return lambda lhs, rhs: dropins.run(spec, method, lhs, rhs,
+                                        method.init_state(spec))[0]
+  return lambda lhs, rhs: dropins.run(spec, method, lhs, rhs)[0]
 
 
 def layer_residual_bytes(record: layer_log.LayerRecord) -> int:
@@ -210,7 +207,7 @@ def _is_candidate(shape, source) -> bool:
 
 def _full_size(fn, args, log, warn):
   sizes = {math.prod(r.shape) for r in log
-           if r.method not in _NOT_COMPRESSING}
+           if r.label not in _NOT_COMPRESSING}
   if not sizes:
     return ()
   found = []
@@ -259,7 +256,7 @@ def memory_report(fn: Callable, *args, argnums: int | Sequence[int] = 0,
   with layer_log.recording() as log:
     vjp_bytes = measure.vjp_residual_bytes(fn, *avals)
   layers = tuple(LayerBytes(
-      name=r.name, method=r.method, shape=r.shape,
+      name=r.name, method=r.label, shape=r.shape,
       activation_bytes=math.prod(r.shape) * r.itemsize,
       formula_bytes=r.formula_bytes,
       measured_bytes=layer_residual_bytes(r)) for r in log)

@@ -9,10 +9,11 @@ computed as ``orth(G_a U_prev)`` from the mode Gram ``G_a = A_(a) A_(a)ᵀ``
 (which XLA contracts without copying the activation) and a QR of an
 ``I_a × K_a`` matrix per mode — no eigendecomposition. The first step (no
 previous factors) uses the exact truncated HOSVD at the same ranks. The residual and the backward pass are
-HOSVD's (:mod:`conv_rule`); only how the factors are found differs.
+HOSVD's (:mod:`lowrank_vjp._src.methods.tucker`); only how the factors are found differs.
 
-The factors are state that the training loop carries: ``AsiState`` in the pure
-API, or a Linen variable collection in the Flax adapter.
+The factors are state that the training loop carries: an :class:`AsiState`
+through ``with_state`` of the drop-ins, or a Linen variable collection in the
+Flax adapter.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowrank_vjp._src.methods import base as config_lib
-from lowrank_vjp._src.ops import conv_tucker as conv_rule
-from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.tensor import hosvd as decompositions
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.methods import tucker
+from lowrank_vjp._src.tensor import hosvd
+from lowrank_vjp._src.tensor import tucker as tucker_lib
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -37,22 +37,31 @@ _HIGHEST = lax.Precision.HIGHEST
 class AsiState:
   """Factors carried from one step to the next.
 
+  A pytree of plain arrays with no None leaves (Orbax checkpoints it as it
+  is).
+
   Attributes:
-    factors: One ``[I_a, K_a]`` orthonormal matrix per axis of the activation
-      (None for uncompressed axes).
+    factors: ``{str(axis): [I_a, K_a]}``, one orthonormal matrix per
+      compressed axis of the activation, in the compute dtype (float32, or
+      float64 under x64).
     started: ``bool[]``; False until the first step has run (the first step
       uses the exact HOSVD).
   """
 
-  factors: tuple[jax.Array | None, ...]
+  factors: dict[str, jax.Array]
   started: jax.Array
 
   @classmethod
   def init(cls, shape, capacity, dtype=jnp.float32) -> AsiState:
     """Placeholder state for an activation of ``shape`` (not started)."""
-    factors = tuple(None if k is None else jnp.eye(n, k, dtype=dtype)
-                    for n, k in zip(shape, capacity))
+    factors = {str(a): jnp.eye(n, k, dtype=dtype)
+               for a, (n, k) in enumerate(zip(shape, capacity))
+               if k is not None}
     return cls(factors=factors, started=jnp.asarray(False))
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """``{axis: factor shape}``."""
+    return {k: tuple(jnp.shape(v)) for k, v in self.factors.items()}
 
 
 def _refresh(gram: jax.Array, u_prev: jax.Array) -> jax.Array:
@@ -60,7 +69,7 @@ def _refresh(gram: jax.Array, u_prev: jax.Array) -> jax.Array:
 
   ``G U_prev`` with ``G = A_(a) A_(a)ᵀ`` is ``A_(a) (A_(a)ᵀ U_prev)``. Going
   through the Gram costs ``I_a`` instead of ``2·K_a`` flops per activation
-  entry, but :func:`decompositions.mode_gram` reads the activation in place,
+  entry, but :func:`hosvd.mode_gram` reads the activation in place,
   where the two mode products made XLA copy it (transposed) for every middle
   axis: one 64×7×7×960 conv's step held 70 MiB of temp against vanilla's 19
   on the CPU, 25 through the Grams.
@@ -71,7 +80,7 @@ def _refresh(gram: jax.Array, u_prev: jax.Array) -> jax.Array:
 
 
 def _exact(x, capacity):
-  res, _ = decompositions.tucker_compress(x, capacity, 1.0, "asi")
+  res, _ = hosvd.tucker_compress(x, capacity, 1.0, "asi")
   return res.factors
 
 
@@ -85,27 +94,34 @@ def asi_compress(x: jax.Array, state: AsiState, capacity):
 
   Returns:
     ``(residual, stats, new_state)``. ``stats.kept_energy`` is the variance
-    each new factor captures; ``needed_ranks`` equal the fixed ranks (ASI does
-    not estimate ε-ranks).
+    each new factor captures (NaN for a non-finite activation);
+    ``needed_ranks`` equal the fixed ranks (ASI does not estimate ε-ranks).
+    A state whose factors are not finite (after a NaN batch) is restarted
+    from the exact truncated HOSVD.
   """
   x = lax.stop_gradient(x)
-  ct = decompositions.compute_dtype(x.dtype)
+  ct = hosvd.compute_dtype(x.dtype)
   # Grams of the activation scaled by a power of two (no overflow; the
   # factors and the energy ratios do not change).
-  scaled, _ = decompositions.normalize(x)
-  grams = tuple(None if u is None else decompositions.mode_gram(scaled, a)
-                for a, u in enumerate(state.factors))
+  scaled, _ = hosvd.normalize(x)
+  previous = tuple(state.factors.get(str(a)) for a in range(x.ndim))
+  grams = tuple(None if u is None else hosvd.mode_gram(scaled, a)
+                for a, u in enumerate(previous))
 
   def warm(_):
     return tuple(None if u is None else _refresh(g, u)
-                 for g, u in zip(grams, state.factors))
+                 for g, u in zip(grams, previous))
 
   def cold(_):
     return tuple(None if f is None else f.astype(ct)
                  for f in _exact(x, capacity))
 
-  factors = lax.cond(state.started, warm, cold, None)
-  core = decompositions.project(x, factors)
+  # Factors that went non-finite (a NaN batch) would stay so forever: start
+  # again from the exact decomposition instead.
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in previous
+                              if u is not None] or [jnp.asarray(True)]))
+  factors = lax.cond(state.started & finite, warm, cold, None)
+  core = hosvd.project(x, factors)
   energy = []
   for g, f in zip(grams, factors):
     if f is None:
@@ -113,78 +129,81 @@ def asi_compress(x: jax.Array, state: AsiState, capacity):
       continue
     total = jnp.trace(g)
     kept = jnp.sum(jnp.dot(g, f, precision=_HIGHEST) * f)   # tr(Fᵀ G F)
-    energy.append(jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
-                            1.0).astype(jnp.float32))
+    ratio = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0)
+    # A non-finite activation reports NaN, as HOSVD does.
+    energy.append(jnp.where(jnp.isfinite(total) & jnp.isfinite(kept), ratio,
+                            jnp.nan).astype(jnp.float32))
   ranks = jnp.asarray([x.shape[a] if k is None else k
                        for a, k in enumerate(capacity)], jnp.int32)
-  residual = residuals.TuckerResidual(core.astype(x.dtype), factors)
-  stats = residuals.CompressionStats(
+  residual = tucker_lib.TuckerResidual(
+      core.astype(tucker_lib.core_dtype(x.dtype)), factors)
+  stats = stats_lib.CompressionStats(
       needed_ranks=ranks, kept_ranks=ranks, kept_energy=jnp.stack(energy),
       overflow=jnp.asarray(False), shape=tuple(x.shape),
       capacity=tuple(capacity), method="asi",
       itemsize=jnp.dtype(x.dtype).itemsize, residual_nbytes=residual.nbytes)
-  new_state = AsiState(factors=factors, started=jnp.asarray(True))
+  new_state = AsiState(
+      factors={str(a): f for a, f in enumerate(factors) if f is not None},
+      started=jnp.asarray(True))
   return residual, stats, new_state
 
 
-@dataclasses.dataclass(frozen=True)
-class AsiConv:
-  """A compressed convolution whose factors are warm-started every step.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Asi(tucker.TuckerMethod):
+  """Warm-started subspace iteration at fixed ranks (Nguyen et al., 2025).
 
-  Create with :func:`asi_conv`. Unlike :class:`CompressedConv` it carries
-  state: call it with the previous :class:`AsiState` and keep the new one.
+  A stateful method: the drop-ins' ``with_state`` and the Flax adapters
+  (collection ``"asi_state"``) carry the factors from step to step. The
+  first step (an unstarted state) runs the exact truncated HOSVD.
+
+  Attributes:
+    ranks: Fixed rank per axis of ``lhs`` (an int for every axis, or a
+      tuple; None entries leave an axis uncompressed).
+    rank_fraction: Rank as a fraction of each axis when ``ranks`` is None
+      (default 0.25).
 
   Example::
 
-    conv = lv.asi_conv(ranks=(8, 16, 4, 4))
-    state = conv.init_state(x.shape)
-    y, stats, state = conv(x, w, (1, 1), "SAME", state=state,
-                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  Attributes:
-    config: Capacity settings (``ranks`` / ``rank_fraction``); ``eps`` is not
-      used by ASI.
+    conv = lv.compressed_conv(method=lv.methods.Asi(rank_fraction=0.25))
+    state = conv.init_state(x, w, (1, 1), "SAME",
+                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, stats, state = conv.with_state(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        state=state)
   """
 
-  config: config_lib.CompressionConfig
+  name = "asi"
+  stateful = True
+  per_shard = False
 
-  def capacity(self, shape) -> tuple[int | None, ...]:
-    """The fixed ranks for an activation of ``shape``."""
-    return self.config.capacity(shape)
+  rank_fraction: float = 0.25
 
-  def init_state(self, shape, dtype=jnp.float32) -> AsiState:
-    """An unstarted state for activations of ``shape``."""
-    return AsiState.init(tuple(shape), self.capacity(shape), dtype)
+  def with_capacity(self, capacity):
+    del capacity  # ASI's ranks are fixed: the rank controller leaves them.
+    return self
 
-  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
-               rhs_dilation=None, dimension_numbers=None,
-               feature_group_count=1, batch_group_count=1, precision=None,
-               preferred_element_type=None, out_sharding=None, *, state):
-    """``lax.conv_general_dilated`` arguments plus ``state``.
+  def init_state(self, op) -> AsiState:
+    shape = tuple(op.lhs_shape)
+    return AsiState.init(shape, self.capacity(shape, op.batch_axis),
+                         hosvd.compute_dtype(op.lhs_dtype))
 
-    Returns:
-      ``(y, stats, new_state)``.
-    """
-    spec = conv_spec_lib.conv_spec(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-        dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type, out_sharding)
-    res, stats, new_state = asi_compress(lhs, state, self.capacity(lhs.shape))
-    return conv_rule.conv(spec, lhs, rhs, res), stats, new_state
+  def check_state(self, op, state: AsiState) -> None:
+    """Raises ``ValueError`` when ``state`` does not fit ``op``'s input."""
+    cap = self.capacity(op.lhs_shape, op.batch_axis)
+    want = {str(a): (n, k) for a, (n, k) in enumerate(zip(op.lhs_shape, cap))
+            if k is not None}
+    got = state.shapes() if isinstance(state, AsiState) else None
+    if got != want:
+      raise ValueError(
+          f"asi: the state holds factors of shapes {got} but an input of "
+          f"shape {tuple(op.lhs_shape)} at ranks "
+          f"{self.capacity(op.lhs_shape, op.batch_axis)} needs {want}; the "
+          "input shape or the ranks changed since the state was created "
+          "(init_state makes a fresh one).")
 
-
-def asi_conv(*, ranks=None, rank_fraction: float = 0.25) -> AsiConv:
-  """A convolution saving a Tucker residual found by warm-started iteration.
-
-  Args:
-    ranks: Fixed rank per axis of ``lhs`` (int for all, or a tuple; None
-      entries leave an axis uncompressed).
-    rank_fraction: Default rank as a fraction of each axis.
-
-  Returns:
-    An :class:`AsiConv`.
-  """
-  return AsiConv(config_lib.CompressionConfig(
-      method="hosvd", eps=0.999, ranks=ranks, rank_fraction=rank_fraction,
-      on_overflow="ignore"))
-
+  def compress_for(self, op, x, state):
+    if state is None:
+      state = self.init_state(op)
+    self.check_state(op, state)
+    cap = self.capacity(x.shape, op.batch_axis)
+    return asi_compress(x, state, cap)

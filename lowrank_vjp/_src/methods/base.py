@@ -1,8 +1,27 @@
-"""Compression settings: a frozen, hashable description of what to save.
+"""The method protocol: what a compression method is, and how one is named.
 
-A :class:`CompressionConfig` is pure configuration. It holds no arrays, so it
-can sit in ``nondiff_argnums`` of a ``jax.custom_vjp``, in a Flax module field
-or in a ``functools.partial`` without triggering recompilation.
+A method is a frozen, hashable, keyword-only dataclass whose fields are its
+settings. It decides what an op saves of its input ``lhs`` for the backward
+pass. A user's method needs two functions::
+
+  @dataclasses.dataclass(frozen=True)
+  class Bf16(lv.methods.Method):
+    def compress(self, x):                 # -> the pytree saved
+      return x.astype(jnp.bfloat16)
+    def decompress(self, residual, like):  # like: jax.ShapeDtypeStruct of x
+      return residual.astype(like.dtype)
+
+and then works in every drop-in, Flax adapter and fine-tuning rule, with the
+exact input gradient and the weight gradient taken at ``decompress(...)``.
+The optional hooks below (:meth:`Method.compress_for`,
+:meth:`Method.weight_grad`, :meth:`Method.input_grad`,
+:meth:`Method.init_state`, :meth:`Method.apply`,
+:meth:`Method.with_capacity`, :meth:`Method.check_op`) are how the built-in
+methods get their fast paths, state and statistics.
+
+Subclasses with a ``name`` are registered under it, so that the string
+shorthand (``method="hosvd", eps=0.9``) resolves in one place,
+:func:`resolve`.
 """
 
 from __future__ import annotations
@@ -10,148 +29,260 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("none", "hosvd", "svd", "gradfilter", "quant", "checkpoint")
-"""Methods understood by :class:`CompressionConfig`."""
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src.ops import vjp
 
-TUCKER_METHODS = ("hosvd", "svd")
-"""Methods whose residual is a Tucker core and factors (the rank settings)."""
-
-QUANT_BITS = (2, 4, 8)
-"""Code widths of ``method="quant"``."""
-
-ON_OVERFLOW = ("warn", "error", "ignore")
-"""What a layer does when ε needs more components than its capacity holds."""
+_REGISTRY: dict[str, type[Method]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class CompressionConfig:
-  """How one layer compresses the activation it saves for the backward pass.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Method:
+  """Base class of compression methods (see the module docstring).
 
-  Attributes:
-    method: ``"hosvd"`` (Tucker core and one factor per mode, Nguyen et al.
-      2024, §1 of docs/methods.md), ``"svd"`` (truncated SVD of the batch-mode
-      unfolding, §2) or ``"none"`` (save the activation as it is).
-    eps: Fraction of the variance each compressed mode must keep, in
-      ``(0, 1]``. Per mode the fewest leading components whose explained
-      variance is ``>= eps`` are kept; components beyond them are masked out.
-      ``eps = 1`` keeps everything and reproduces JAX's own gradients.
-    ranks: Static rank capacity per axis of the activation (``lhs``), in the
-      order of ``lhs``'s axes, or a single int for every compressed axis.
-      ``None`` entries leave that axis uncompressed. When ``ranks`` is None the
-      capacity is ``ceil(rank_fraction * size)`` per compressed axis (the full
-      size when ``eps == 1``), never above the rank the unfolding can have.
-      Memory is set by the capacity; ε decides how much of it is used.
-    rank_fraction: Default capacity as a fraction of each axis, in ``(0, 1]``.
-    on_overflow: What to do when a step needs more components than the
-      capacity holds (so less than ε would be kept): ``"warn"`` issues a
-      Python warning from the device through ``jax.debug.callback`` (only on
-      the steps where it happens), ``"error"`` raises at run time, and
-      ``"ignore"`` only reports it in the returned statistics.
+  Class attributes a subclass may set:
+    name: Shorthand that :func:`resolve` accepts (``"hosvd"``); also the
+      ``method`` field of the layer's :class:`CompressionStats`. Defaults to
+      the class name in lower case (not registered).
+    aliases: Further shorthands.
+    stateful: True when the method carries state between steps (ASI): the
+      op is then called with a state and returns the new one.
+    per_shard: Whether a batch-sharded input is compressed per device (each
+      device decomposes its own shard); False runs the op as it is.
   """
 
-  method: str = "hosvd"
-  eps: float = 0.9
-  ranks: int | tuple[int | None, ...] | None = None
-  rank_fraction: float = 0.5
-  on_overflow: str = "warn"
-  radius: int = 2
-  bits: int = 8
-  per_channel: bool = False
-  stochastic: bool = False
+  name: ClassVar[str | None] = None
+  aliases: ClassVar[tuple[str, ...]] = ()
+  stateful: ClassVar[bool] = False
+  per_shard: ClassVar[bool] = True
 
-  def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(
-          f"method must be one of {METHODS}, got {self.method!r}.")
-    if (isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real)
-        or not 0.0 < float(self.eps) <= 1.0 or math.isnan(float(self.eps))):
-      raise ValueError(
-          f"eps must be a real number in (0, 1], got {self.eps!r}.")
-    object.__setattr__(self, "eps", float(self.eps))
-    if (isinstance(self.rank_fraction, bool)
-        or not isinstance(self.rank_fraction, numbers.Real)
-        or not 0.0 < float(self.rank_fraction) <= 1.0):
-      raise ValueError("rank_fraction must be a real number in (0, 1], got "
-                       f"{self.rank_fraction!r}.")
-    object.__setattr__(self, "rank_fraction", float(self.rank_fraction))
-    if self.on_overflow not in ON_OVERFLOW:
-      raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got "
-                       f"{self.on_overflow!r}.")
-    ranks = self.ranks
-    if ranks is not None:
-      if isinstance(ranks, Sequence) and not isinstance(ranks, str):
-        ranks = tuple(ranks)
-        items = ranks
-      else:
-        items = (ranks,)
-      for r in items:
-        if r is not None and (isinstance(r, bool)
-                              or not isinstance(r, numbers.Integral) or r < 1):
-          raise ValueError("ranks must be a positive int, None, or a tuple of "
-                           f"positive ints and Nones; got {self.ranks!r}.")
-      object.__setattr__(self, "ranks", ranks)
-    if (isinstance(self.radius, bool)
-        or not isinstance(self.radius, numbers.Integral) or self.radius < 1):
-      raise ValueError(
-          f"radius must be an int >= 1 (the gradient filter's patch size, "
-          f"e.g. 2 or 4), got {self.radius!r}.")
-    object.__setattr__(self, "radius", int(self.radius))
-    if (isinstance(self.bits, bool) or not isinstance(self.bits,
-                                                      numbers.Integral)
-        or int(self.bits) not in QUANT_BITS):
-      raise ValueError(
-          f"bits must be one of {QUANT_BITS}, got {self.bits!r}.")
-    object.__setattr__(self, "bits", int(self.bits))
-    for name in ("per_channel", "stochastic"):
-      value = getattr(self, name)
-      if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}.")
-      object.__setattr__(self, name, bool(value))
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    name = cls.__dict__.get("name")
+    if name:
+      for key in (name,) + tuple(cls.__dict__.get("aliases", ())):
+        _REGISTRY[key] = cls
 
-  def capacity(self, shape: Sequence[int],
-               batch_axis: int = 0) -> tuple[int | None, ...]:
-    """Static rank capacity for an activation of ``shape``.
+  # ------------------------------------------ what a user's method writes
+
+  def compress(self, x: jax.Array) -> Any:
+    """The pytree of arrays saved for the backward pass instead of ``x``."""
+    raise NotImplementedError(
+        f"{type(self).__name__} must define compress(self, x) (and "
+        "decompress(self, residual, like)), or override compress_for.")
+
+  def decompress(self, residual: Any, like: jax.ShapeDtypeStruct
+                 ) -> jax.Array:
+    """The activation the weight gradient is taken at, rebuilt.
 
     Args:
-      shape: The activation's shape, e.g. ``[N, H, W, C]``.
-      batch_axis: Which axis is the batch; the only one ``"svd"`` compresses.
-
-    Returns:
-      One entry per axis: the number of components kept for that mode, or
-      ``None`` where the axis is not compressed.
-
-    Raises:
-      ValueError: if ``ranks`` has the wrong length for ``shape``.
+      residual: What :meth:`compress` returned.
+      like: Shape and dtype of the original ``x``.
     """
-    shape = tuple(int(d) for d in shape)
-    ndim = len(shape)
-    if self.method not in TUCKER_METHODS:
-      return (None,) * ndim
-    compressed = (range(ndim) if self.method == "hosvd" else (batch_axis,))
-    if isinstance(self.ranks, tuple):
-      if len(self.ranks) != ndim:
-        raise ValueError(
-            f"ranks has {len(self.ranks)} entries but the activation has "
-            f"{ndim} axes (shape {shape}); give one entry per axis.")
-      requested = self.ranks
-    else:
-      requested = (self.ranks,) * ndim
-    size = math.prod(shape)
-    out = []
-    for axis, n in enumerate(shape):
-      if axis not in compressed:
-        out.append(None)
-        continue
-      bound = max(1, min(n, size // max(n, 1)))  # rank of the unfolding
-      r = requested[axis]
-      if r is None and self.ranks is not None and isinstance(self.ranks, tuple):
-        out.append(None)
-        continue
-      if r is None:
-        r = n if self.eps >= 1.0 else math.ceil(self.rank_fraction * n)
-      out.append(max(1, min(int(r), bound)))
-    return tuple(out)
+    raise NotImplementedError(
+        f"{type(self).__name__} must define decompress(self, residual, like).")
+
+  # ---------------------------------------------------- optional hooks
+
+  @property
+  def label(self) -> str:
+    """The name statistics and tables use."""
+    return type(self).name or type(self).__name__.lower()
+
+  def check_op(self, op) -> None:
+    """Raises ``ValueError`` (at trace time) for an op this method can't take."""
+    del op
+
+  def init_state(self, op) -> Any:
+    """Initial state for ``op`` (stateful methods only; None otherwise)."""
+    del op
+
+  def check_state(self, op, state: Any) -> None:
+    """Raises ``ValueError`` (at trace time) for a state that does not fit."""
+    del op, state
+
+  def compress_for(self, op, x: jax.Array, state: Any
+                   ) -> tuple[Any, stats_lib.CompressionStats, Any]:
+    """``(residual, stats, new_state)`` for ``x``, the input of ``op``.
+
+    The default calls :meth:`compress` and reports the residual's bytes.
+    """
+    residual = self.compress(x)
+    nbytes = sum(math.prod(np.shape(leaf)) * jnp.dtype(leaf.dtype).itemsize
+                 for leaf in jax.tree_util.tree_leaves(residual))
+    return (residual, stats_lib.uncompressed(x.shape, x.dtype, self.label,
+                                             nbytes), state)
+
+  def input_grad(self, op, residual: Any, rhs: jax.Array, g: jax.Array
+                 ) -> jax.Array:
+    """``d lhs``; exact by default (the op's transpose, needing only rhs)."""
+    del residual
+    return op.input_grad(rhs, g)
+
+  def weight_grad(self, op, residual: Any, g: jax.Array) -> jax.Array:
+    """``d rhs`` at the rebuilt input (rebuilt only once ``g`` exists)."""
+    residual = jax.tree_util.tree_map(lambda r: schedule.after(r, g),
+                                      residual)
+    return op.weight_grad(self.decompress(residual, op.lhs_aval()), g)
+
+  def apply(self, op, lhs: jax.Array, rhs: jax.Array, state: Any = None
+            ) -> tuple[jax.Array, stats_lib.CompressionStats, Any]:
+    """``(y, stats, new_state)``: the op run through the compressed VJP."""
+    return vjp.compressed_apply(op, self, lhs, rhs, state)
+
+  def with_capacity(self, capacity: tuple[int | None, ...]) -> Method:
+    """This method with per-axis rank capacities set (rank controller).
+
+    Methods without ranks return themselves.
+    """
+    del capacity
+    return self
+
+
+# ------------------------------------------------------------- resolving
+
+
+def known() -> tuple[str, ...]:
+  """Every registered shorthand."""
+  return tuple(sorted(_REGISTRY))
+
+
+def method_class(name: str) -> type[Method]:
+  """The class registered under ``name``.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if not isinstance(name, str) or name not in _REGISTRY:
+    raise ValueError(f"method must be a lowrank_vjp.methods.Method or one of "
+                     f"{list(known())}; got {name!r}.")
+  return _REGISTRY[name]
+
+
+def settings_of(cls: type[Method]) -> tuple[str, ...]:
+  """The setting names (dataclass fields) a method class takes."""
+  return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def resolve(method: Method | str | Mapping[str, Any] = "hosvd",
+            **settings: Any) -> Method:
+  """A :class:`Method` from a value, a shorthand string or a settings dict.
+
+  Args:
+    method: A :class:`Method` (returned as is), a registered name
+      (``"hosvd"``, ``"svd"``, ``"asi"``, ``"quant"``, ``"gradfilter"``,
+      ``"checkpoint"``, ``"none"``), or a dict ``{"method": name, **settings}``.
+    **settings: The method's settings, with a name.
+
+  Returns:
+    The method.
+
+  Raises:
+    TypeError: for a setting the method does not take (naming both), or
+      settings given together with a :class:`Method` value.
+    ValueError: for an unknown name or a setting out of range.
+
+  Example::
+
+    lv.methods.resolve("hosvd", eps=0.8)     # Hosvd(eps=0.8, ...)
+    lv.methods.resolve("quant", eps=0.8)     # TypeError: quant takes no eps
+  """
+  if isinstance(method, Mapping):
+    settings = {**dict(method), **settings}
+    method = settings.pop("method", "hosvd")
+  if isinstance(method, Method):
+    if settings:
+      raise TypeError(
+          f"settings {sorted(settings)} given with the method value "
+          f"{method!r}; set them on the method instead, e.g. "
+          f"dataclasses.replace(method, {next(iter(settings))}=...).")
+    return method
+  cls = method_class(method)
+  allowed = settings_of(cls)
+  unknown = sorted(set(settings) - set(allowed))
+  if unknown:
+    raise TypeError(
+        f"method {method!r} takes no setting {unknown[0]!r}"
+        + (f" (nor {unknown[1:]})" if len(unknown) > 1 else "")
+        + f"; its settings are {list(allowed) or 'none'}.")
+  return cls(**settings)
+
+
+# ------------------------------------------------------------ validation
+
+
+def concrete_number(name: str, value, owner: str) -> float:
+  """``value`` as a Python float, accepting concrete 0-d arrays.
+
+  Raises:
+    ValueError: for bools, non-numbers, traced values and NaN.
+  """
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+    if isinstance(value, jax.core.Tracer):
+      raise ValueError(f"{owner}: {name} must be a concrete number (a "
+                       f"static setting), got a traced value {value!r}.")
+    value = np.asarray(value).item()
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{owner}: {name} must be a real number, got "
+                     f"{value!r}.")
+  value = float(value)
+  if math.isnan(value):
+    raise ValueError(f"{owner}: {name} must be a real number, got nan.")
+  return value
+
+
+def fraction(name: str, value, owner: str) -> float:
+  """A number in ``(0, 1]``, or ``ValueError`` naming it."""
+  v = concrete_number(name, value, owner)
+  if not 0.0 < v <= 1.0:
+    raise ValueError(f"{owner}: {name} must be a real number in (0, 1], got "
+                     f"{value!r}.")
+  return v
+
+
+def integer(name: str, value, owner: str, *, minimum: int = 1,
+            choices: tuple[int, ...] | None = None) -> int:
+  """An int (not a bool, not a float), or ``ValueError`` naming it."""
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and (
+      not isinstance(value, jax.core.Tracer)) and np.issubdtype(
+          np.asarray(value).dtype, np.integer):
+    value = int(np.asarray(value).item())
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    want = f"one of {choices}" if choices else f"an int >= {minimum}"
+    raise ValueError(f"{owner}: {name} must be {want}, got {value!r}.")
+  value = int(value)
+  if choices is not None and value not in choices:
+    raise ValueError(f"{owner}: {name} must be one of {choices}, got "
+                     f"{value!r}.")
+  if value < minimum:
+    raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got "
+                     f"{value!r}.")
+  return value
+
+
+def boolean(name: str, value, owner: str) -> bool:
+  """True or False (NumPy bools too), or ``ValueError`` naming it."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{owner}: {name} must be True or False, got "
+                     f"{value!r}.")
+  return bool(value)
+
+
+def choice(name: str, value, allowed: tuple[str, ...], owner: str) -> str:
+  """One of ``allowed``, or ``ValueError`` naming it."""
+  if value not in allowed:
+    raise ValueError(f"{owner}: {name} must be one of {allowed}, got "
+                     f"{value!r}.")
+  return value
+
+
+def set_field(obj, name: str, value) -> None:
+  """Normalises a field of a frozen dataclass in ``__post_init__``."""
+  object.__setattr__(obj, name, value)

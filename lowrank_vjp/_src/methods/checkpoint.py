@@ -11,19 +11,39 @@ so that only the block's input is kept and its intermediates are rebuilt.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
 
 import jax
 
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.methods import base
+
 POLICY = jax.checkpoint_policies.nothing_saveable
 """Save nothing computed inside the checkpointed function."""
 
 
-def apply(spec, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-  """``spec.apply(lhs, rhs)`` under ``jax.checkpoint`` (saves only inputs)."""
-  return jax.checkpoint(spec.apply, policy=POLICY)(lhs, rhs)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Checkpoint(base.Method):
+  """Recompute the layer in the backward pass from its saved inputs.
+
+  The layer runs under ``jax.checkpoint`` with :data:`POLICY`; for a single
+  layer that keeps what vanilla keeps (the input). It is the recomputation
+  baseline of the tables; wrap whole blocks with :func:`checkpointed`.
+
+  Example::
+
+    conv = lv.compressed_conv(method=lv.methods.Checkpoint())
+  """
+
+  name = "checkpoint"
+
+  def apply(self, op, lhs, rhs, state=None):
+    y = jax.checkpoint(op.apply, policy=POLICY)(lhs, rhs)
+    return y, stats_lib.uncompressed(op.lhs_shape, op.lhs_dtype,
+                                     self.label), state
 
 
 def residual_nbytes(shape, dtype) -> int:

@@ -44,10 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.methods import base
+from lowrank_vjp._src.ops import conv as conv_lib
+from lowrank_vjp._src.ops import schedule
 
-ConvSpec = conv_spec_lib.ConvSpec
+ConvSpec = conv_lib.ConvSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +104,7 @@ def check_supported(spec: ConvSpec, radius: int) -> None:
 def filter_grid(spec: ConvSpec, radius: int) -> FilterGrid:
   """The patch grid of ``spec`` for ``radius``."""
   dn = spec.dimension_numbers
-  out = jax.eval_shape(
-      lambda lhs, rhs: spec.apply(lhs, rhs, out_sharding=None),
-      jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype),
-      jax.ShapeDtypeStruct(spec.rhs_shape, spec.rhs_dtype)).shape
+  out = spec.out_shape()
   in_sizes = tuple(spec.lhs_shape[a] for a in dn.lhs_spec[2:])
   out_sizes = tuple(out[a] for a in dn.out_spec[2:])
   patches = tuple(_ceil_div(o, radius) for o in out_sizes)
@@ -222,38 +221,53 @@ def input_grad(spec: ConvSpec, rhs: jax.Array, g_avg: jax.Array,
   return jnp.transpose(gx, np.argsort(dn.lhs_spec)).astype(spec.lhs_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def conv(spec: ConvSpec, radius: int, lhs: jax.Array,
-         rhs: jax.Array) -> jax.Array:
-  """``lax.conv_general_dilated(lhs, rhs, **spec)`` with a gradient filter.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradFilter(base.Method):
+  """Gradient filtering: ``g`` taken constant over ``r × r`` output patches.
 
-  Args:
-    spec: The convolution (see :func:`check_supported`).
-    radius: Patch size ``r`` of the output gradient.
-    lhs: Input, ``spec.lhs_shape``.
-    rhs: Kernel, ``spec.rhs_shape``.
+  Saves ``x_sum``, the input summed over each input patch
+  (:func:`residual_nbytes` bytes). Both gradients are approximate (see the
+  module docstring). Convolutions only.
 
-  Returns:
-    The exact convolution output. Its VJP saves ``x_sum``
-    (:func:`residual_nbytes` bytes) and ``rhs``.
+  Attributes:
+    radius: Patch size ``r`` of the output gradient (an int >= 1; the paper
+      uses 2 and 4).
+
+  Example::
+
+    conv = lv.compressed_conv(method=lv.methods.GradFilter(radius=2))
   """
-  del radius
-  return spec.apply(lhs, rhs)
 
+  name = "gradfilter"
 
-def _conv_fwd(spec, radius, lhs, rhs):
-  x_sum = pool_input(lax.stop_gradient(lhs), spec, filter_grid(spec, radius))
-  y = residuals.tie(spec.apply(lhs, rhs), x_sum)
-  return y, (x_sum, rhs)
+  radius: int = 2
 
+  def __post_init__(self):
+    base.set_field(self, "radius", base.integer(
+        "radius", self.radius, "gradfilter (the gradient filter's patch "
+        "size, e.g. 2 or 4)"))
 
-def _conv_bwd(spec, radius, saved, g):
-  x_sum, rhs = saved
-  grid = filter_grid(spec, radius)
-  g_avg = pool_output_grad(g, spec, grid)
-  rhs = residuals.after(rhs, g)
-  return (input_grad(spec, rhs, g_avg, grid),
-          weight_grad(spec, x_sum, g_avg))
+  def check_op(self, op) -> None:
+    if op.kind != "conv":
+      raise ValueError(
+          "method='gradfilter' applies to convolutions only: it pools over "
+          f"the convolution's output grid, and this op is a {op.kind} (for a "
+          "decorated function it must be exactly one "
+          "lax.conv_general_dilated of (x, w)). Use compressed_conv, or "
+          "another method for this layer.")
+    check_supported(op, self.radius)
 
+  def compress_for(self, op, x, state):
+    grid = filter_grid(op, self.radius)
+    x_sum = pool_input(x, op, grid)
+    return x_sum, stats_lib.uncompressed(
+        x.shape, x.dtype, self.label, residual_nbytes(op, self.radius)), state
 
-conv.defvjp(_conv_fwd, _conv_bwd)
+  def input_grad(self, op, residual, rhs, g):
+    grid = filter_grid(op, self.radius)
+    g_avg = pool_output_grad(g, op, grid)
+    return input_grad(op, schedule.after(rhs, g), g_avg, grid)
+
+  def weight_grad(self, op, residual, g):
+    g_avg = pool_output_grad(g, op, filter_grid(op, self.radius))
+    return weight_grad(op, residual, g_avg)

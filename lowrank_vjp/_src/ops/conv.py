@@ -1,4 +1,10 @@
-"""Validation and normalisation of ``lax.conv_general_dilated`` arguments."""
+"""The convolution op: ``lax.conv_general_dilated`` with arguments resolved.
+
+:func:`conv_spec` validates the arguments of a ``lax.conv_general_dilated``
+call (clear errors at trace time) and resolves them into a hashable
+:class:`ConvSpec`, the op the custom VJP runs. Its Tucker fast path for the
+weight gradient lives in :mod:`conv_tucker`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowrank_vjp._src.ops import base
+from lowrank_vjp._src.ops import conv_tucker
+
 
 @dataclasses.dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(base.Op):
   """A convolution with every argument resolved; hashable, holds no arrays.
 
   Attributes mirror ``lax.conv_general_dilated``; ``padding`` is always
@@ -39,21 +48,19 @@ class ConvSpec:
   lhs_manual: Any = None
   rhs_manual: Any = None
 
-  def lhs_aval(self) -> jax.ShapeDtypeStruct:
-    """Abstract ``lhs`` (with its manual axis type inside ``shard_map``)."""
-    return aval(self.lhs_shape, self.lhs_dtype, self.lhs_manual)
-
-  def rhs_aval(self) -> jax.ShapeDtypeStruct:
-    """Abstract ``rhs`` (with its manual axis type inside ``shard_map``)."""
-    return aval(self.rhs_shape, self.rhs_dtype, self.rhs_manual)
-
   @property
   def num_spatial(self) -> int:
     return len(self.lhs_shape) - 2
 
+  kind = "conv"
+
   @property
   def batch_axis(self) -> int:
     return self.dimension_numbers.lhs_spec[0]
+
+  @property
+  def channel_axis(self) -> int:
+    return self.dimension_numbers.lhs_spec[1]
 
   def lax_kwargs(self) -> dict[str, Any]:
     """Keyword arguments that reproduce this convolution with ``lax``."""
@@ -74,44 +81,19 @@ class ConvSpec:
       kw["out_sharding"] = self.out_sharding
     return lax.conv_general_dilated(lhs, rhs, **kw)
 
+  def weight_grad(self, lhs: jax.Array, g: jax.Array) -> jax.Array:
+    """``d rhs`` of the convolution at input ``lhs`` (any batch size)."""
+    out_dtype = (self.preferred_element_type
+                 if self.preferred_element_type is not None
+                 else jnp.result_type(lhs.dtype, self.rhs_dtype))
+    return base.transpose(
+        lambda r: self.apply(lhs, r, preferred_element_type=out_dtype,
+                             out_sharding=None),
+        self.rhs_aval(), g.astype(out_dtype))
 
-def manual_axis_type(x):
-  """``x``'s varying/invariant mesh-axis type inside ``shard_map`` (or None)."""
-  try:
-    return getattr(jax.typeof(x), "manual_axis_type", None)
-  except Exception:  # pylint: disable=broad-except  # non-array or old jax
-    return None
-
-
-def aval(shape, dtype, manual=None) -> jax.ShapeDtypeStruct:
-  """A ``ShapeDtypeStruct``, carrying a manual axis type when there is one."""
-  if manual is None:
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
-
-
-def transpose(fn, primal: jax.ShapeDtypeStruct, ct) -> jax.Array:
-  """Applies the transpose of the linear ``fn`` at ``primal``'s type to ``ct``.
-
-  ``jax.linear_transpose`` rejects the manual-axis (varying) types used
-  inside ``shard_map``; ``jax.vjp`` at a zero primal of exactly the operand's
-  type does not, and XLA removes the unused primal computation.
-  """
-  manual = getattr(primal, "manual_axis_type", None)
-  zero = jnp.zeros(primal.shape, primal.dtype)
-  varying = tuple(sorted(getattr(manual, "varying", ()) or ()))
-  if varying:
-    zero = jax.lax.pcast(zero, varying, to="varying")
-  _, vjp = jax.vjp(fn, zero)
-  return vjp(ct)[0]
-
-
-def _check_float(name: str, x) -> None:
-  dtype = jnp.result_type(x)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        f"{name} must have a floating dtype (float16, bfloat16, float32 or "
-        f"float64) to be differentiated; got {dtype}.")
+  def tucker_weight_grad(self, res, g: jax.Array) -> jax.Array:
+    """``d rhs`` in the Tucker rank space (:func:`conv_tucker.weight_grad`)."""
+    return conv_tucker.weight_grad(self, res, g)
 
 
 def _int_tuple(name: str, value, length: int, default: int):
@@ -157,8 +139,8 @@ def conv_spec(lhs, rhs, window_strides: Sequence[int],
     ValueError: for malformed strides, dilations, padding or shapes; the
       message names the argument, the value and what is allowed.
   """
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
+  base.check_float("lhs", lhs)
+  base.check_float("rhs", rhs)
   lhs_shape, rhs_shape = tuple(np.shape(lhs)), tuple(np.shape(rhs))
   if len(lhs_shape) != len(rhs_shape) or len(lhs_shape) < 3:
     raise ValueError(
@@ -215,8 +197,8 @@ def conv_spec(lhs, rhs, window_strides: Sequence[int],
       precision=_hashable(precision),
       preferred_element_type=(None if preferred_element_type is None else
                               jnp.dtype(preferred_element_type)),
-      out_sharding=out_sharding, lhs_manual=manual_axis_type(lhs),
-      rhs_manual=manual_axis_type(rhs))
+      out_sharding=out_sharding, lhs_manual=base.manual_axis_type(lhs),
+      rhs_manual=base.manual_axis_type(rhs))
   # Let lax check the remaining shape rules (channels vs groups, sizes).
   try:
     jax.eval_shape(lambda l, r: spec.apply(l, r, out_sharding=None),

@@ -1,77 +1,33 @@
-"""Custom VJP for ``lax.conv_general_dilated`` with a compressed residual.
+"""The convolution's weight gradient from a Tucker residual, in rank space.
 
-The forward pass is ``lax.conv_general_dilated`` itself. What is saved for the
-backward pass is the weight ``rhs`` and a :class:`TuckerResidual` of the input
-``lhs``; the full input is not saved. The backward pass returns
+With ``lhs ≈ core ×_a U_a`` (a :class:`TuckerResidual`), ``d rhs`` is
+computed from the core and factors without rebuilding the input at full
+size: either entirely by einsums in the Tucker rank space
+(:func:`weight_grad_tucker`) or as a convolution over the batch and channel
+rank spaces (:func:`weight_grad_conv`), whichever has the smaller largest
+intermediate for the layer's static shapes (:func:`weight_grad`).
 
-* ``d lhs``: the exact transpose of the convolution applied to ``g`` (it needs
-  only ``rhs``);
-* ``d rhs``: the weight gradient of the convolution evaluated at the
-  compressed input, computed from the core and factors without rebuilding the
-  input at full size: either entirely by einsums in the Tucker rank space
-  (:func:`weight_grad_tucker`) or as a convolution over the batch and channel
-  rank spaces (:func:`weight_grad_conv`), whichever has the smaller largest
-  intermediate for the layer's static shapes.
-
-:func:`weight_grad_reference` rebuilds the input and calls JAX's own VJP; the
-tests compare the fast paths against it.
+The reference is ``ConvSpec.weight_grad(res.reconstruct(), g)``; the tests
+compare the fast paths against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import string
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src.tensor import tucker as tucker_lib
 
-ConvSpec = conv_spec_lib.ConvSpec
-TuckerResidual = residuals.TuckerResidual
+TuckerResidual = tucker_lib.TuckerResidual
 
 
-def input_grad(spec: ConvSpec, rhs: jax.Array, g: jax.Array) -> jax.Array:
-  """Exact ``d lhs``: the transpose of the convolution in ``lhs``."""
-  lhs_aval = spec.lhs_aval()
-  rhs = residuals.after(rhs, g)  # flip the kernel in the backward pass
-  g = g.astype(_out_dtype(spec))
-  return conv_spec_lib.transpose(lambda l: spec.apply(l, rhs), lhs_aval, g)
-
-
-def _out_dtype(spec: ConvSpec):
-  if spec.preferred_element_type is not None:
-    return spec.preferred_element_type
-  return jnp.result_type(spec.lhs_dtype, spec.rhs_dtype)
-
-
-def _conv_weight_transpose(spec: ConvSpec, lhs: jax.Array,
-                           g: jax.Array) -> jax.Array:
-  """``d rhs`` of the convolution at input ``lhs`` (any batch size)."""
-  rhs_aval = spec.rhs_aval()
-  out_dtype = (spec.preferred_element_type
-               if spec.preferred_element_type is not None
-               else jnp.result_type(lhs.dtype, spec.rhs_dtype))
-  return conv_spec_lib.transpose(
-      lambda r: spec.apply(lhs, r, preferred_element_type=out_dtype,
-                           out_sharding=None),
-      rhs_aval, g.astype(out_dtype))
-
-
-def weight_grad_reference(spec: ConvSpec, res: TuckerResidual,
-                          g: jax.Array) -> jax.Array:
-  """``d rhs`` from the activation rebuilt at full size (reference path)."""
-  res = TuckerResidual(residuals.after(res.core, g), res.factors)
-  lhs = res.reconstruct(dtype=spec.lhs_dtype)
-  return _conv_weight_transpose(spec, lhs, g)
-
-
-def _contract_batch(spec: ConvSpec, res: TuckerResidual, g: jax.Array):
+def _contract_batch(spec, res: TuckerResidual, g: jax.Array):
   """``g ×_batch U_Bᵀ``: the output gradient in the batch rank space."""
   u = res.factors[spec.batch_axis]
   ob = spec.dimension_numbers.out_spec[0]
@@ -82,7 +38,7 @@ def _contract_batch(spec: ConvSpec, res: TuckerResidual, g: jax.Array):
   return jnp.moveaxis(g, -1, ob)
 
 
-def _rank_space_layout(spec: ConvSpec, res: TuckerResidual):
+def _rank_space_layout(spec, res: TuckerResidual):
   """Which factors :func:`weight_grad_conv` expands, and the shapes it uses.
 
   The batch factor is folded into ``g``; the channel factor stays in rank
@@ -105,7 +61,7 @@ def _rank_space_layout(spec: ConvSpec, res: TuckerResidual):
   return expand, keep_channel_rank, shape
 
 
-def weight_grad_conv(spec: ConvSpec, res: TuckerResidual,
+def weight_grad_conv(spec, res: TuckerResidual,
                      g: jax.Array) -> jax.Array:
   """``d rhs`` as a convolution over the batch and channel rank spaces.
 
@@ -118,18 +74,22 @@ def weight_grad_conv(spec: ConvSpec, res: TuckerResidual,
   """
   dn = spec.dimension_numbers
   expand, keep_channel_rank, _ = _rank_space_layout(spec, res)
-  core = residuals.after(res.core, g)  # rebuild in the backward pass only
+  core = schedule.after(res.core, g)  # rebuild in the backward pass only
   lhs = TuckerResidual(core, expand).reconstruct(dtype=spec.lhs_dtype)
   g = _contract_batch(spec, res, g)
   if not keep_channel_rank:
-    return _conv_weight_transpose(spec, lhs, g)
+    return spec.weight_grad(lhs, g)
   u_c = res.factors[dn.lhs_spec[1]]
   in_axis = dn.rhs_spec[1]
   rhs_shape = list(spec.rhs_shape)
   rhs_shape[in_axis] = u_c.shape[1]
+  # Inside shard_map the rank-space gradient is per device (each device has
+  # its own factors): transposed at the input's varying type, so that it is
+  # not summed over devices before its own U_C expands it.
   reduced = dataclasses.replace(spec, lhs_shape=tuple(lhs.shape),
-                                rhs_shape=tuple(rhs_shape))
-  dw = _conv_weight_transpose(reduced, lhs, g)
+                                rhs_shape=tuple(rhs_shape),
+                                rhs_manual=spec.lhs_manual)
+  dw = reduced.weight_grad(lhs, g)
   dw = jnp.tensordot(dw.astype(u_c.dtype), u_c, axes=([in_axis], [1]),
                      precision=spec.precision)
   return jnp.moveaxis(dw, -1, in_axis).astype(spec.rhs_dtype)
@@ -161,7 +121,7 @@ def spatial_tap_factor(u: jax.Array, size: int, out_size: int, kernel: int,
   return jnp.where(valid[..., None], u[rows], 0.0)
 
 
-def weight_grad_tucker(spec: ConvSpec, res: TuckerResidual,
+def weight_grad_tucker(spec, res: TuckerResidual,
                        g: jax.Array) -> jax.Array:
   """``d rhs`` contracted entirely in the Tucker rank space.
 
@@ -225,15 +185,12 @@ def weight_grad_tucker(spec: ConvSpec, res: TuckerResidual,
   return dw.astype(spec.rhs_dtype)
 
 
-def _tucker_path_elements(spec: ConvSpec, res: TuckerResidual) -> int:
+def _tucker_path_elements(spec, res: TuckerResidual) -> int:
   """Largest intermediate of :func:`weight_grad_tucker`, in elements."""
   dn = spec.dimension_numbers
   k_b = res.core.shape[dn.lhs_spec[0]]
   out_ch = spec.rhs_shape[dn.rhs_spec[0]]
-  out_shape = jax.eval_shape(
-      lambda l, r: spec.apply(l, r, out_sharding=None),
-      jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype),
-      jax.ShapeDtypeStruct(spec.rhs_shape, spec.rhs_dtype)).shape
+  out_shape = spec.out_shape()
   sizes = [k_b * out_ch * math.prod(out_shape[a] for a in dn.out_spec[2:])]
   current = sizes[0]
   for d in range(spec.num_spatial):
@@ -245,50 +202,20 @@ def _tucker_path_elements(spec: ConvSpec, res: TuckerResidual) -> int:
   return max(sizes)
 
 
-def _conv_path_elements(spec: ConvSpec, res: TuckerResidual) -> int:
+def _conv_path_elements(spec, res: TuckerResidual) -> int:
   """Largest intermediate of :func:`weight_grad_conv`, in elements."""
   return math.prod(_rank_space_layout(spec, res)[2])
 
 
-def weight_grad(spec: ConvSpec, res: TuckerResidual,
+def weight_grad(spec, res: TuckerResidual,
                 g: jax.Array) -> jax.Array:
   """``d rhs`` by the path with the smaller intermediate (static choice)."""
   if spec.batch_group_count != 1:
-    return weight_grad_reference(spec, res, g)
+    core = schedule.after(res.core, g)
+    lhs = TuckerResidual(core, res.factors).reconstruct(dtype=spec.lhs_dtype)
+    return spec.weight_grad(lhs, g)
   spatial = spec.dimension_numbers.lhs_spec[2:]
   if (all(res.factors[a] is not None for a in spatial)
       and _tucker_path_elements(spec, res) <= _conv_path_elements(spec, res)):
     return weight_grad_tucker(spec, res, g)
   return weight_grad_conv(spec, res, g)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def conv(spec: ConvSpec, lhs: jax.Array, rhs: jax.Array,
-         res: TuckerResidual) -> jax.Array:
-  """``lax.conv_general_dilated(lhs, rhs, **spec)`` saving ``res``, not ``lhs``.
-
-  Args:
-    spec: The convolution.
-    lhs: Input, shape ``spec.lhs_shape``.
-    rhs: Kernel, shape ``spec.rhs_shape``.
-    res: Compressed ``lhs`` (no gradient flows into it).
-
-  Returns:
-    The convolution's output.
-  """
-  del res
-  return spec.apply(lhs, rhs)
-
-
-def _conv_fwd(spec, lhs, rhs, res):
-  y = residuals.tie(spec.apply(lhs, rhs), res)
-  return y, (res, rhs)
-
-
-def _conv_bwd(spec, saved, g):
-  res, rhs = saved
-  return (input_grad(spec, rhs, g), weight_grad(spec, res, g),
-          jax.tree_util.tree_map(jnp.zeros_like, res))
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)

@@ -1,16 +1,15 @@
-"""Custom VJP for ``lax.dot_general`` with a compressed ``lhs`` residual.
+"""The dense op: ``lax.dot_general`` with arguments resolved.
 
 ``lhs`` is the activation (``[N, F]`` or ``[N, T, F]`` in Flax's Dense),
-``rhs`` the weight. The input gradient is exact; the weight gradient
-``dW = Σ_free x ⊗ g`` is contracted in the Tucker rank space: ``g`` is
-projected on the factors of ``lhs``'s free axes, contracted with the core, and
-expanded with the factors of the contracting axes.
+``rhs`` the weight. The Tucker fast path of the weight gradient,
+``dW = Σ_free x ⊗ g``, is contracted in the rank space: ``g`` is projected
+on the factors of ``lhs``'s free axes, contracted with the core, and expanded
+with the factors of the contracting axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import string
 from typing import Any
 
@@ -19,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src.ops import base
+from lowrank_vjp._src.tensor import tucker as tucker_lib
 
-TuckerResidual = residuals.TuckerResidual
+TuckerResidual = tucker_lib.TuckerResidual
 
 
 @dataclasses.dataclass(frozen=True)
-class DotSpec:
+class DotSpec(base.Op):
   """A ``lax.dot_general`` call with its arguments resolved (hashable)."""
 
   lhs_shape: tuple[int, ...]
@@ -41,11 +40,19 @@ class DotSpec:
   lhs_manual: Any = None
   rhs_manual: Any = None
 
-  def lhs_aval(self) -> jax.ShapeDtypeStruct:
-    return conv_spec_lib.aval(self.lhs_shape, self.lhs_dtype, self.lhs_manual)
+  kind = "dot"
 
-  def rhs_aval(self) -> jax.ShapeDtypeStruct:
-    return conv_spec_lib.aval(self.rhs_shape, self.rhs_dtype, self.rhs_manual)
+  @property
+  def batch_axis(self) -> int:
+    """The first batch dimension of ``lhs`` if there is one, else axis 0."""
+    (_, _), (lb, _) = self.dimension_numbers
+    return lb[0] if lb else 0
+
+  @property
+  def channel_axis(self) -> int:
+    """``lhs``'s last contracting axis (its features)."""
+    (lc, _), _ = self.dimension_numbers
+    return lc[-1] if lc else len(self.lhs_shape) - 1
 
   def apply(self, lhs, rhs, **overrides) -> jax.Array:
     kw = dict(precision=self.precision,
@@ -55,12 +62,11 @@ class DotSpec:
     kw.update(overrides)
     return lax.dot_general(lhs, rhs, self.dimension_numbers, **kw)
 
-
-def _check_float(name, x):
-  dtype = jnp.result_type(x)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{name} must have a floating dtype to be differentiated; "
-                    f"got {dtype}.")
+  def tucker_weight_grad(self, res: TuckerResidual, g) -> jax.Array | None:
+    """``d rhs`` in the rank space; None with batch dimensions (rebuild)."""
+    if self.dimension_numbers[1][0]:
+      return None
+    return weight_grad_tucker(self, res, g)
 
 
 def dot_spec(lhs, rhs, dimension_numbers, precision=None,
@@ -71,8 +77,8 @@ def dot_spec(lhs, rhs, dimension_numbers, precision=None,
     TypeError: for non-floating operands.
     ValueError: for dimension numbers that do not fit the shapes.
   """
-  _check_float("lhs", lhs)
-  _check_float("rhs", rhs)
+  base.check_float("lhs", lhs)
+  base.check_float("rhs", rhs)
   try:
     (lc, rc), (lb, rb) = dimension_numbers
     dn = ((tuple(int(a) for a in lc), tuple(int(a) for a in rc)),
@@ -86,8 +92,8 @@ def dot_spec(lhs, rhs, dimension_numbers, precision=None,
                  tuple(precision) if isinstance(precision, list) else precision,
                  None if preferred_element_type is None else
                  jnp.dtype(preferred_element_type), out_sharding,
-                 conv_spec_lib.manual_axis_type(lhs),
-                 conv_spec_lib.manual_axis_type(rhs))
+                 base.manual_axis_type(lhs),
+                 base.manual_axis_type(rhs))
   try:
     jax.eval_shape(lambda l, r: spec.apply(l, r, out_sharding=None),
                    jax.ShapeDtypeStruct(spec.lhs_shape, spec.lhs_dtype),
@@ -97,29 +103,6 @@ def dot_spec(lhs, rhs, dimension_numbers, precision=None,
         f"lhs shape {spec.lhs_shape} and rhs shape {spec.rhs_shape} do not fit "
         f"dimension_numbers {dimension_numbers!r}: {e}") from e
   return spec
-
-
-def _out_dtype(spec: DotSpec):
-  if spec.preferred_element_type is not None:
-    return spec.preferred_element_type
-  return jnp.result_type(spec.lhs_dtype, spec.rhs_dtype)
-
-
-def input_grad(spec: DotSpec, rhs, g):
-  """Exact ``d lhs``."""
-  aval = spec.lhs_aval()
-  return conv_spec_lib.transpose(lambda l: spec.apply(l, rhs), aval,
-                                 g.astype(_out_dtype(spec)))
-
-
-def weight_grad_reference(spec: DotSpec, res: TuckerResidual, g):
-  """``d rhs`` from the activation rebuilt at full size (reference path)."""
-  res = TuckerResidual(residuals.after(res.core, g), res.factors)
-  lhs = res.reconstruct(dtype=spec.lhs_dtype)
-  aval = spec.rhs_aval()
-  return conv_spec_lib.transpose(
-      lambda r: spec.apply(lhs, r, out_sharding=None), aval,
-      g.astype(_out_dtype(spec)))
 
 
 def weight_grad_tucker(spec: DotSpec, res: TuckerResidual, g):
@@ -159,29 +142,3 @@ def weight_grad_tucker(spec: DotSpec, res: TuckerResidual, g):
   # h axes: lhs contracting axes (paired with rc, in order), then rhs free.
   rhs_axes = list(rc) + rfree
   return jnp.transpose(h, np.argsort(rhs_axes)).astype(spec.rhs_dtype)
-
-
-def weight_grad(spec: DotSpec, res: TuckerResidual, g):
-  if spec.dimension_numbers[1][0]:  # batch dimensions: rebuild.
-    return weight_grad_reference(spec, res, g)
-  return weight_grad_tucker(spec, res, g)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def dot(spec: DotSpec, lhs, rhs, res: TuckerResidual) -> jax.Array:
-  """``lax.dot_general(lhs, rhs, ...)`` saving ``res`` instead of ``lhs``."""
-  del res
-  return spec.apply(lhs, rhs)
-
-
-def _dot_fwd(spec, lhs, rhs, res):
-  return residuals.tie(spec.apply(lhs, rhs), res), (res, rhs)
-
-
-def _dot_bwd(spec, saved, g):
-  res, rhs = saved
-  return (input_grad(spec, rhs, g), weight_grad(spec, res, g),
-          jax.tree_util.tree_map(jnp.zeros_like, res))
-
-
-dot.defvjp(_dot_fwd, _dot_bwd)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowrank_vjp._src.tdlrt import weight as tw
+from lowrank_vjp._src.tensor import algebra
 
 FORWARDS = ("auto", "kernel", "factored")
 """How a Tucker layer computes its output."""
@@ -184,7 +185,7 @@ class TuckerConv(nn.Module):
       x1 = jnp.dot(x, u[-2], precision=_HIGHEST)            # [N, ..., R_I]
       small = w.core.astype(dtype)
       for axis in range(n_sp):
-        small = tw.mode_dot(small, u[axis], axis)          # [KH, KW, R_I, R_O]
+        small = algebra.mode_dot(small, u[axis], axis)     # [KH, KW, R_I, R_O]
       y = conv(x1, small)
       y = jnp.dot(y, u[-1].T, precision=_HIGHEST)          # [N, ..., O]
     else:

@@ -1,4 +1,8 @@
-"""Adapters: a frozen pretrained kernel plus a trainable low-rank correction.
+"""Low-rank updates for fine-tuning: a frozen kernel plus a trained delta.
+
+Fine-tuning adapters in the weight-delta sense (not Flax modules): a
+pretrained kernel ``W₀`` stays fixed and only a low-rank correction ``ΔW`` is
+trained.
 
 - :class:`TuckerAdapter`: ``W = W₀ + ΔW`` with ``ΔW`` a :class:`TuckerWeight`
   (all kernel modes factorized), trained by TDLRT so that its rank adapts.

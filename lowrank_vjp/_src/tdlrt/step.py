@@ -1,4 +1,4 @@
-"""TDLRT: geometry-aware, rank-adaptive training of Tucker-factorized kernels.
+"""The TDLRT training step: rank-adaptive training of Tucker-factorized kernels.
 
 After Zangrando, Schotthöfer, Ceruti, Kusch & Tudisco, *Geometry-aware
 training of factorized layers in tensor Tucker format*, NeurIPS 2024
@@ -37,6 +37,7 @@ import optax
 from jax import lax
 
 from lowrank_vjp._src.tdlrt import weight as tw
+from lowrank_vjp._src.tensor import algebra
 
 TuckerWeight = tw.TuckerWeight
 
@@ -202,9 +203,9 @@ def augment_basis(u: jax.Array, kgrad: jax.Array, rank, aug_capacity: int,
   p = kgrad - dot(u, dot(u.T, kgrad))
   p = p - dot(u, dot(u.T, p))
   scale = jnp.sqrt(jnp.sum(jnp.square(kgrad)))
-  v, _, keep = tw.leading_basis(p, aug_capacity - rank, tol * scale)
+  v, _, keep = algebra.leading_basis(p, aug_capacity - rank, tol * scale)
   v = v - dot(u, dot(u.T, v))
-  v, _ = tw.orthonormalize(v, keep)
+  v, _ = algebra.orthonormalize(v, keep)
   new = jnp.sum(keep).astype(jnp.int32)
   k = v.shape[1]
   v = jnp.pad(v, ((0, 0), (0, aug_capacity - k)))
@@ -260,7 +261,7 @@ def truncate_core(core: jax.Array, active, capacity, tau: float,
     after); ``kept`` and ``needed`` (the τ-rank before the capacity cap) as
     ``int32[d]``.
   """
-  core = tw._mask_core(core, [active[i] for i in range(core.ndim)])  # pylint: disable=protected-access
+  core = algebra.mask_core(core, [active[i] for i in range(core.ndim)])
   total = jnp.sum(jnp.square(core))
   # τ = 0 still drops directions at round-off level (relative sqrt(eps)).
   threshold = max(tau * tau, float(jnp.finfo(core.dtype).eps)) * total
@@ -277,7 +278,7 @@ def truncate_core(core: jax.Array, active, capacity, tau: float,
       kept.append(r)
       needed.append(r)
       continue
-    m = tw.unfold(core, i)
+    m = algebra.unfold(core, i)
     gram = jnp.dot(m, m.T, precision=_HIGHEST)
     gram = 0.5 * (gram + gram.T)
     masked = jnp.arange(a) >= active[i]
@@ -301,7 +302,7 @@ def truncate_core(core: jax.Array, active, capacity, tau: float,
     needed.append(need)
   new_core = core
   for i, p in enumerate(projections):
-    new_core = tw.mode_dot(new_core, p.T, i)
+    new_core = algebra.mode_dot(new_core, p.T, i)
   return new_core, tuple(projections), jnp.stack(kept), jnp.stack(needed)
 
 
@@ -317,7 +318,7 @@ def reorthonormalize(u: jax.Array, rank) -> tuple[jax.Array, jax.Array]:
     ``h`` ``[R, R]`` of the polar decomposition, which the core absorbs
     (``core ×ᵢ h``).
   """
-  return tw.orthonormalize(u, jnp.arange(u.shape[1]) < rank)
+  return algebra.orthonormalize(u, jnp.arange(u.shape[1]) < rank)
 
 
 # ----------------------------------------------- optimizer-state transport
@@ -361,15 +362,6 @@ def _pad_to(x, shape):
   return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, shape, strict=False)])
 
 
-def _active_mask(shape, ranks):
-  mask = jnp.ones(shape, bool)
-  for i, n in enumerate(shape):
-    axis = [1] * len(shape)
-    axis[i] = n
-    mask = mask & (jnp.arange(n) < ranks[i]).reshape(axis)
-  return mask
-
-
 def _pad_second_moment(x, shape, ranks):
   """Pads a second moment; new directions start at the mean of the old ones.
 
@@ -379,7 +371,7 @@ def _pad_second_moment(x, shape, ranks):
   keeps. Starting them at the average of the active entries scales their
   first steps by their gradient, like the old directions.
   """
-  old = _active_mask(x.shape, ranks)
+  old = algebra.rank_mask(x.shape, ranks)
   count = jnp.maximum(jnp.sum(old), 1)
   mean = jnp.sum(jnp.where(old, x, 0.0)) / count
   return jnp.where(_pad_to(old, shape), _pad_to(x, shape), mean)
@@ -387,7 +379,7 @@ def _pad_second_moment(x, shape, ranks):
 
 def _project(x, mats):
   for i, p in enumerate(mats):
-    x = tw.mode_dot(x, p.T, i)
+    x = algebra.mode_dot(x, p.T, i)
   return x
 
 
@@ -505,7 +497,7 @@ def step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         continue
       q, rr = reorthonormalize(jnp.dot(bi, p, precision=_HIGHEST), r)
       factors.append(q.astype(w.factors[axis].dtype))
-      core = tw.mode_dot(core, rr, axis)
+      core = algebra.mode_dot(core, rr, axis)
     factors = tuple(factors)
     new_leaves[i] = TuckerWeight(core.astype(w.core.dtype), factors, w.shape)
     sq = tuple(jnp.square(p) for p in projs)

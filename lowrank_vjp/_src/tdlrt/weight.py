@@ -1,5 +1,11 @@
 """Tucker-factorized kernels: the ``TuckerWeight`` pytree and its initialisers.
 
+This module is about *kernels* held in Tucker form (a weight's value, its
+parameter count, how gradients reach its factors, how a model runs on it via
+:func:`materialize`); the generic tensor algebra it is built from (unfoldings,
+mode products, HOSVD, polar bases) lives in ``lowrank_vjp._src.tensor.algebra``
+and the rank settings are read by ``lowrank_vjp._src.tensor.capacity``.
+
 A kernel ``W`` of shape ``shape`` is kept as ``W = core ×₀ U₀ ×₁ U₁ … ×_{d-1}
 U_{d-1}`` (TensorLy's vocabulary: ``core``, ``factors``, ``ranks``, ``mode``,
 ``unfold``). With ``factorization="tucker"`` the modes are the kernel's own
@@ -25,10 +31,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-_HIGHEST = lax.Precision.HIGHEST
+from lowrank_vjp._src.tensor import algebra
+from lowrank_vjp._src.tensor import capacity as capacity_lib
 
 FACTORIZATIONS = ("tucker", "matrix")
 """How a kernel is factorized: all of its axes, or as a matrix ``[rest, O]``."""
@@ -82,73 +88,31 @@ def capacities(modes: Sequence[int], ranks) -> tuple[int, ...]:
     ``R_i`` per mode, each in ``[1, n_i]``.
 
   Raises:
-    ValueError: for a tuple of the wrong length or a value out of range.
+    ValueError: for a tuple of the wrong length, a value out of range or of
+      the wrong type (the checks and the int / fraction rule are those of
+      ``lowrank_vjp._src.tensor.capacity``, shared with the compression
+      methods).
   """
   modes = tuple(int(n) for n in modes)
-  if isinstance(ranks, Sequence) and not isinstance(ranks, str):
-    ranks = tuple(ranks)
-    if len(ranks) != len(modes):
-      raise ValueError(f"ranks has {len(ranks)} entries but the kernel has "
-                       f"{len(modes)} modes {modes}; give one per mode.")
-    items = ranks
-  else:
-    items = (ranks,) * len(modes)
+  items = capacity_lib.per_axis(ranks, len(modes), "modes", shape=modes)
   out = []
-  for n, r in zip(modes, items, strict=False):
+  for n, r in zip(modes, items, strict=True):
     if r is None:
       out.append(n)
-    elif isinstance(r, bool):
-      raise ValueError(f"ranks must be ints, floats or None, got {ranks!r}.")
-    elif isinstance(r, numbers.Integral):
-      if r < 1:
-        raise ValueError(f"ranks must be >= 1, got {ranks!r}.")
-      out.append(min(int(r), n))
-    elif isinstance(r, numbers.Real):
-      if not 0.0 < float(r) <= 1.0:
-        raise ValueError(f"a fractional rank must lie in (0, 1], got {r!r}.")
-      out.append(max(1, min(n, math.ceil(float(r) * n))))
-    else:
-      raise ValueError(f"ranks must be ints, floats or None, got {ranks!r}.")
+      continue
+    if not capacity_lib.is_rank_value(r):
+      raise ValueError(_rank_error(r, ranks))
+    out.append(capacity_lib.resolve(r, n))
   return tuple(out)
 
 
-def unfold(x: jax.Array, mode: int) -> jax.Array:
-  """Mode-``mode`` unfolding ``[n_mode, Π other sizes]`` (TensorLy order)."""
-  return jnp.moveaxis(x, mode, 0).reshape(x.shape[mode], -1)
-
-
-def fold(m: jax.Array, mode: int, shape: Sequence[int]) -> jax.Array:
-  """Inverse of :func:`unfold` for a tensor of ``shape``."""
-  shape = tuple(shape)
-  moved = (shape[mode],) + shape[:mode] + shape[mode + 1:]
-  return jnp.moveaxis(m.reshape(moved), 0, mode)
-
-
-def mode_dot(x: jax.Array, matrix: jax.Array, mode: int) -> jax.Array:
-  """``x ×_mode matrix``: axis ``mode`` (size K) becomes ``matrix.shape[0]``.
-
-  Args:
-    x: Tensor ``[…, K, …]``.
-    matrix: ``[n, K]``.
-    mode: The axis of ``x`` to contract.
-
-  Returns:
-    ``[…, n, …]``.
-  """
-  y = jnp.tensordot(matrix, x, axes=([1], [mode]), precision=_HIGHEST)
-  return jnp.moveaxis(y, 0, mode)
-
-
-def tucker_product(core: jax.Array, factors: Sequence[jax.Array]) -> jax.Array:
-  """``core ×₀ U₀ ×₁ U₁ …``: ``[R₀, …]`` with ``[n_i, R_i]`` → ``[n₀, …]``."""
-  x = core
-  # Expand the mode with the smallest growth first: cheaper intermediates.
-  order = sorted(range(len(factors)),
-                 key=lambda i: factors[i].shape[0]
-                 / max(factors[i].shape[1], 1))
-  for i in order:
-    x = mode_dot(x, factors[i], i)
-  return x
+def _rank_error(r, ranks) -> str:
+  """Why ``r`` (an entry of ``ranks``) is not a valid rank."""
+  if isinstance(r, numbers.Integral) and not isinstance(r, bool):
+    return f"ranks must be >= 1, got {ranks!r}."
+  if isinstance(r, numbers.Real) and not isinstance(r, bool):
+    return f"a fractional rank must lie in (0, 1], got {r!r}."
+  return f"ranks must be ints, floats or None, got {ranks!r}."
 
 
 def active_ranks(factors: Sequence[jax.Array]) -> jax.Array:
@@ -160,76 +124,6 @@ def active_ranks(factors: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack([
       jnp.sum(jnp.sum(jnp.square(lax.stop_gradient(u)), axis=0) > 0.25)
       .astype(jnp.int32) for u in factors])
-
-
-def param_count(modes: Sequence[int], ranks) -> Any:
-  """Parameters of a rank-``ranks`` Tucker tensor: ``Π r_i + Σ n_i r_i``.
-
-  Args:
-    modes: Mode sizes ``n_i``.
-    ranks: Ranks ``r_i`` (ints, or an int array for traced counts).
-
-  Returns:
-    The count, as an int (or an array if ``ranks`` is one).
-  """
-  if isinstance(ranks, (jax.Array, np.ndarray)):
-    ranks = jnp.asarray(ranks)
-    return (jnp.prod(ranks)
-            + jnp.sum(jnp.asarray(modes, ranks.dtype) * ranks))
-  return math.prod(ranks) + sum(
-      n * r for n, r in zip(modes, ranks, strict=True))
-
-
-def orthonormalize(v: jax.Array, keep: jax.Array) -> tuple[jax.Array,
-                                                          jax.Array]:
-  """Polar orthonormalization ``v = q h`` of the kept columns of ``v``.
-
-  ``q = v (vᵀv)^{-1/2}`` is the orthonormal matrix closest to ``v`` (no
-  reordering, no sign flips), from a small ``eigh``, which on the CPU is much
-  faster than a QR or an SVD of a tall matrix.
-
-  Args:
-    v: ``[n, R]`` with linearly independent kept columns.
-    keep: ``bool[R]``: columns to orthonormalize; the others become zero.
-
-  Returns:
-    ``(q, h)``: ``q`` ``[n, R]`` (zero outside ``keep``) and the symmetric
-    ``h = (vᵀv)^{1/2}`` ``[R, R]`` (zero outside the kept block), so that
-    ``v ≈ q h`` on the kept columns.
-  """
-  v = jnp.where(keep, v, 0.0)
-  gram = jnp.dot(v.T, v, precision=_HIGHEST)
-  gram = 0.5 * (gram + gram.T) + jnp.diag((~keep).astype(v.dtype))
-  lam, vecs = jnp.linalg.eigh(gram)
-  lam = jnp.maximum(lam, jnp.finfo(v.dtype).tiny)
-  inv_sqrt = jnp.dot(vecs / jnp.sqrt(lam), vecs.T, precision=_HIGHEST)
-  sqrt = jnp.dot(vecs * jnp.sqrt(lam), vecs.T, precision=_HIGHEST)
-  both = keep[:, None] & keep[None, :]
-  q = jnp.where(keep, jnp.dot(v, inv_sqrt, precision=_HIGHEST), 0.0)
-  return q, jnp.where(both, sqrt, 0.0)
-
-
-def leading_basis(m: jax.Array, keep_max, rtol: float):
-  """Orthonormal basis of the column space of ``m`` by its Gram's ``eigh``.
-
-  Args:
-    m: ``[n, R]``.
-    keep_max: At most this many columns are returned (int or int32 scalar).
-    rtol: Singular values ``≤ rtol`` (absolute) are treated as zero.
-
-  Returns:
-    ``(basis, singular_values, keep)``: ``[n, R]`` with the leading left
-    singular vectors of ``m`` in the kept columns (zero elsewhere), the
-    singular values in descending order ``[R]`` and the ``bool[R]`` mask.
-  """
-  gram = jnp.dot(m.T, m, precision=_HIGHEST)
-  lam, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
-  lam, vecs = jnp.maximum(lam[::-1], 0.0), vecs[:, ::-1]
-  sv = jnp.sqrt(lam)
-  keep = (sv > rtol) & (jnp.arange(m.shape[1]) < keep_max)
-  basis = jnp.dot(m, vecs, precision=_HIGHEST) / jnp.where(keep, sv, 1.0)
-  basis, _ = orthonormalize(basis, keep)
-  return basis, sv, keep
 
 
 def _row_basis(core: jax.Array, mode: int, rank) -> jax.Array:
@@ -246,13 +140,13 @@ def _row_basis(core: jax.Array, mode: int, rank) -> jax.Array:
   Returns:
     ``[Π_{j≠i} R_j, R_i]`` with the columns past ``rank`` set to zero.
   """
-  m = unfold(core, mode)                                 # [R_i, M]
+  m = algebra.unfold(core, mode)                         # [R_i, M]
   r_cap = m.shape[0]
   keep_rows = jnp.arange(r_cap) < rank
   m = jnp.where(keep_rows[:, None], m, 0.0)
   scale = jnp.sqrt(jnp.sum(jnp.square(m)))
   rtol = scale * jnp.sqrt(jnp.finfo(m.dtype).eps)
-  q, _, _ = leading_basis(m.T, rank, rtol)               # [M, R_i]
+  q, _, _ = algebra.leading_basis(m.T, rank, rtol)       # [M, R_i]
   return q
 
 
@@ -263,7 +157,7 @@ class TuckerWeight(StructuredKernel):
 
   Saved bytes (capacity): ``itemsize · (Π R_i + Σ n_i R_i)``; the parameters
   of the rank-``r`` tensor it stands for are ``Π r_i + Σ n_i r_i``
-  (:func:`param_count`).
+  (:func:`lowrank_vjp.tdlrt.param_count`).
 
   ``form`` only changes which gradient reaches the factors; the kernel's value
   is the same in both forms:
@@ -321,7 +215,7 @@ class TuckerWeight(StructuredKernel):
 
   def num_params(self) -> jax.Array:
     """Parameters of the active rank-``r`` Tucker tensor (int32 scalar)."""
-    return param_count(self.modes, self.ranks())
+    return algebra.param_count(self.modes, self.ranks())
 
   def with_form(self, form: str,
                 basis_modes: tuple[int, ...] | None = None) -> TuckerWeight:
@@ -339,7 +233,7 @@ class TuckerWeight(StructuredKernel):
       ``factors[i]`` is the TDLRT basis gradient of mode ``i``.
     """
     if self.form == "factors":
-      w = tucker_product(self.core, self.factors)
+      w = algebra.tucker_product(self.core, self.factors)
     else:
       w = _basis_form_kernel(self.core, self.factors, self.basis_modes)
     return w.reshape(self.shape).astype(dtype or self.core.dtype)
@@ -356,36 +250,24 @@ def _basis_form_kernel(core, factors, modes=None):
   core_c = sg(core)
   fixed = [sg(u) for u in factors]
   ranks = active_ranks(fixed)
-  out = tucker_product(core_c, fixed)
+  out = algebra.tucker_product(core_c, fixed)
   modes = range(len(factors)) if modes is None else modes
   for i in modes:
     u = factors[i]
     q = _row_basis(core_c, i, ranks[i])
-    qcore = fold(q.T, i, core_c.shape)
+    qcore = algebra.fold(q.T, i, core_c.shape)
     delta = u - fixed[i]
-    out = out + tucker_product(qcore, fixed[:i] + [delta] + fixed[i + 1:])
+    out = out + algebra.tucker_product(qcore,
+                                       fixed[:i] + [delta] + fixed[i + 1:])
   return out
 
 
 def _orthonormal(key, n, r, dtype):
   # Polar factor of a Gaussian matrix: Haar-distributed, and a small eigh
   # compiles and runs much faster on the CPU than a QR.
-  q, _ = orthonormalize(jax.random.normal(key, (n, r), dtype),
-                        jnp.ones((r,), bool))
+  q, _ = algebra.orthonormalize(jax.random.normal(key, (n, r), dtype),
+                                jnp.ones((r,), bool))
   return q
-
-
-def _mask_cols(u, rank):
-  return jnp.where(jnp.arange(u.shape[1]) < rank, u, 0.0)
-
-
-def _mask_core(core, ranks):
-  mask = jnp.ones(core.shape, bool)
-  for i, r in enumerate(ranks):
-    shape = [1] * core.ndim
-    shape[i] = core.shape[i]
-    mask = mask & (jnp.arange(core.shape[i]) < r).reshape(shape)
-  return jnp.where(mask, core, 0.0)
 
 
 def _init_ranks(cap, init_ranks, modes):
@@ -393,33 +275,6 @@ def _init_ranks(cap, init_ranks, modes):
     return cap
   init = capacities(modes, init_ranks)
   return tuple(min(a, b) for a, b in zip(init, cap, strict=False))
-
-
-def truncated_hosvd(x: jax.Array, capacity: Sequence[int],
-                    ranks: Sequence[int] | None = None):
-  """Truncated HOSVD of ``x`` with static capacities and masked ranks.
-
-  Args:
-    x: Tensor ``[n₀, …]``.
-    capacity: ``R_i`` per mode (static).
-    ranks: Active ranks ``r_i ≤ R_i`` (ints or int array); ``capacity`` when
-      None.
-
-  Returns:
-    ``(core, factors)``: ``[R₀, …]`` and ``[n_i, R_i]`` with the leading
-    left singular vectors of each unfolding in the first ``r_i`` columns.
-  """
-  ranks = tuple(capacity) if ranks is None else ranks
-  factors = []
-  for i, cap in enumerate(capacity):
-    u, _, _ = jnp.linalg.svd(unfold(x, i), full_matrices=False)
-    if u.shape[1] < cap:
-      u = jnp.pad(u, ((0, 0), (0, cap - u.shape[1])))
-    factors.append(_mask_cols(u[:, :cap], ranks[i]))
-  core = x
-  for i, u in enumerate(factors):
-    core = mode_dot(core, u.T, i)
-  return core, tuple(factors)
 
 
 def tucker_from_kernel(kernel: jax.typing.ArrayLike, ranks=0.5, *,
@@ -446,8 +301,8 @@ def tucker_from_kernel(kernel: jax.typing.ArrayLike, ranks=0.5, *,
   kernel = jnp.asarray(kernel)
   modes = mode_sizes(kernel.shape, factorization)
   cap = capacities(modes, ranks)
-  core, factors = truncated_hosvd(kernel.reshape(modes), cap,
-                                  _init_ranks(cap, init_ranks, modes))
+  core, factors = algebra.truncated_hosvd(
+      kernel.reshape(modes), cap, _init_ranks(cap, init_ranks, modes))
   return TuckerWeight(core.astype(kernel.dtype),
                       tuple(u.astype(kernel.dtype) for u in factors),
                       shape=tuple(kernel.shape))
@@ -484,13 +339,14 @@ def random_tucker(key: jax.Array, shape: Sequence[int], ranks=0.5, *,
   cap = capacities(modes, ranks)
   init = _init_ranks(cap, init_ranks, modes)
   keys = jax.random.split(key, len(modes) + 1)
-  factors = tuple(_mask_cols(_orthonormal(k, n, r, dtype), r0)
+  factors = tuple(algebra.mask_columns(_orthonormal(k, n, r, dtype), r0)
                   for k, n, r, r0 in zip(keys[1:], modes, cap, init,
                                          strict=True))
   if stddev is None:
     stddev = 1.0 / math.sqrt(max(1, math.prod(shape[:-1])))
   scale = stddev * math.sqrt(math.prod(shape) / math.prod(init))
-  core = _mask_core(scale * jax.random.normal(keys[0], cap, dtype), init)
+  core = algebra.mask_core(scale * jax.random.normal(keys[0], cap, dtype),
+                           init)
   return TuckerWeight(core, factors, shape=shape)
 
 

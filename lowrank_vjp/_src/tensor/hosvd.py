@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowrank_vjp._src.tensor import tucker as residuals
+from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src.tensor import tucker as tucker_lib
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -226,13 +227,13 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
   Args:
     x: Activation of any shape (float dtype).
     capacity: Static rank capacity per axis (None = leave uncompressed), as
-      from :meth:`CompressionConfig.capacity`.
+      from a Tucker method's ``capacity``.
     eps: Explained-variance target per compressed mode.
     method: Name recorded in the statistics.
 
   Returns:
-    ``(residual, stats)``: a :class:`residuals.TuckerResidual` whose core is in
-    ``x.dtype`` and a :class:`residuals.CompressionStats`.
+    ``(residual, stats)``: a :class:`TuckerResidual` whose core is in
+    ``tucker.core_dtype(x.dtype)`` and a :class:`CompressionStats`.
   """
   x = lax.stop_gradient(x)
   dtype = x.dtype
@@ -251,10 +252,10 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
     kept.append(k)
     energy.append(e)
   factors = tuple(factors)
-  core = (project(x, factors) * unscale).astype(dtype)
-  residual = residuals.TuckerResidual(core=core, factors=factors)
+  core = (project(x, factors) * unscale).astype(tucker_lib.core_dtype(dtype))
+  residual = tucker_lib.TuckerResidual(core=core, factors=factors)
   needed = jnp.stack(needed)
-  stats = residuals.CompressionStats(
+  stats = stats_lib.CompressionStats(
       needed_ranks=needed,
       kept_ranks=jnp.stack(kept),
       kept_energy=jnp.stack(energy),

@@ -42,7 +42,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     array sits in word ``i // (32 // bits)`` at bit ``bits · (i mod (32 //
     bits))``.
   """
-  if bits not in BITS:
+  if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
     raise ValueError(f"bits must be one of {BITS}, got {bits!r}.")
   per_word = WORD_BITS // bits
   flat = codes.reshape(-1)

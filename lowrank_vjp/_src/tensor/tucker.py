@@ -1,4 +1,4 @@
-"""Pytrees saved between the forward and the backward pass, and their stats."""
+"""The Tucker residual: a compressed activation as a core and factors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -29,7 +28,8 @@ class TuckerResidual:
   ``K_a = I_a`` for uncompressed axes (which contribute no factor).
 
   Attributes:
-    core: ``[K_0, …, K_{n-1}]``, in the activation's dtype.
+    core: ``[K_0, …, K_{n-1}]``, in the activation's dtype (float32 for a
+      float16 activation, whose range a core can exceed: :func:`core_dtype`).
     factors: One ``[I_a, K_a]`` array (float32, or float64 under x64) or None
       per axis of the activation.
   """
@@ -71,125 +71,17 @@ class TuckerResidual:
     return x.astype(dtype or x.dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CompressionStats:
-  """What one compressed layer kept on one step.
+def core_dtype(dtype) -> jnp.dtype:
+  """The dtype a Tucker core of an activation of ``dtype`` is kept in.
 
-  Arrays (traced, one entry per axis of the activation):
-    needed_ranks: ``int32[n]``, the fewest components reaching ε per mode
-      (the axis size for uncompressed axes).
-    kept_ranks: ``int32[n]``, components actually kept:
-      ``min(needed_ranks, capacity)``.
-    kept_energy: ``float32[n]``, explained variance of the kept components
-      (1.0 for uncompressed axes and for an all-zero activation).
-    overflow: ``bool[]``, True when some mode needed more than its capacity,
-      so less than ε was kept.
-
-  Static fields (Python values):
-    shape: The activation's shape.
-    capacity: Static rank capacity per axis (None = uncompressed).
-    method: The compression method.
-    itemsize: Bytes per element of the activation.
-    residual_nbytes: Bytes the saved residual occupies (capacity-sized).
+  The activation's own, unless its range is narrower than float32's
+  (float16: 65504), where a core — whose entries reach the activation's
+  Frobenius norm — could overflow: then float32.
   """
-
-  needed_ranks: jax.Array
-  kept_ranks: jax.Array
-  kept_energy: jax.Array
-  overflow: jax.Array
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  capacity: tuple[int | None, ...] = dataclasses.field(
-      metadata=dict(static=True))
-  method: str = dataclasses.field(metadata=dict(static=True))
-  itemsize: int = dataclasses.field(metadata=dict(static=True))
-  residual_nbytes: int = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def activation_nbytes(self) -> int:
-    """Bytes of the uncompressed activation (what vanilla backprop saves)."""
-    return math.prod(self.shape) * self.itemsize
-
-  def analytic_nbytes(self) -> int:
-    """The paper's count at the ranks ε needed: ``(Π K + Σ I·K) · itemsize``.
-
-    Uses ``needed_ranks`` (not the capacity), so it is the memory an ideal
-    dynamic-shape implementation would hold. Needs concrete (not traced)
-    statistics. A layer without ranks (vanilla, gradient filter, K-bit
-    codes, checkpointing) saves a residual whose size the shape fixes: its
-    count is ``residual_nbytes``.
-    """
-    if all(c is None for c in self.capacity):
-      return self.residual_nbytes
-    ranks = np.asarray(jax.device_get(self.needed_ranks)).reshape(
-        -1, len(self.shape))
-    counts = []
-    for row in ranks:
-      n = math.prod(int(k) for k in row)
-      n += sum(i * int(k) for i, k, cap in zip(self.shape, row, self.capacity)
-               if cap is not None)
-      counts.append(n * self.itemsize)
-    return int(max(counts))
-
-
-def _never(words) -> jax.Array:
-  """A predicate XLA cannot prove false that is never true.
-
-  A 32-bit word has at most 32 set bits.
-  """
-  bits = sum(jax.lax.population_count(w) for w in words)
-  return bits > 32 * len(words)
-
-
-def _word(x: jax.Array) -> jax.Array:
-  return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-
-
-def tie(y: jax.Array, res) -> jax.Array:
-  """Returns ``y`` unchanged, made to depend on every array of ``res``.
-
-  XLA schedules a residual's computation wherever it likes before its first
-  use, which is in the backward pass; it was seen postponing the last
-  contractions of a Tucker core there and keeping a larger intermediate (or
-  the input itself) alive in its place. ``lax.optimization_barrier`` does not
-  prevent this on the CPU, whose pipeline removes barriers early. Here ``y``
-  passes through a select whose predicate reads a reduction of every
-  residual array and is never true, so the residual must exist before ``y``
-  is used, and ``y``'s values, NaNs included, are untouched.
-
-  Args:
-    y: The primal output.
-    res: A pytree of arrays to compute no later than ``y``.
-
-  Returns:
-    ``y``, same values.
-  """
-  leaves = [l for l in jax.tree_util.tree_leaves(res) if l.size]
-  if not leaves:
-    return y
-  never = _never([_word(jnp.max(l)) for l in leaves])
-  return jnp.where(never, jnp.zeros_like(y), y)
-
-
-def after(x: jax.Array, g: jax.Array) -> jax.Array:
-  """Returns ``x`` unchanged, made to depend on the cotangent ``g``.
-
-  Work in a backward rule that reads only residuals (rebuilding part of an
-  activation, flipping a kernel) can otherwise be hoisted by XLA into the
-  forward pass, where its larger result is then kept alive until the backward
-  pass. One element of ``g`` is enough to pin it after ``g`` exists.
-
-  Args:
-    x: Array computed from residuals only.
-    g: The incoming cotangent.
-
-  Returns:
-    ``x``, same values.
-  """
-  if not g.size:
-    return x
-  first = jax.lax.slice(g.reshape(-1), (0,), (1,))[0]
-  return jnp.where(_never([_word(first)]), jnp.zeros_like(x), x)
+  dtype = jnp.dtype(dtype)
+  if jnp.finfo(dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+    return jnp.dtype(jnp.float32)
+  return dtype
 
 
 def tucker_nbytes(shape, ranks, core_itemsize: int,

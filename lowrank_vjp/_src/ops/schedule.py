@@ -1,0 +1,74 @@
+"""Scheduling pins: when XLA computes a residual, and when it rebuilds one.
+
+XLA places each computation wherever its data dependencies allow. Two
+placements undo a compression: computing the residual late (in the backward
+pass, with the full input kept alive until then), and rebuilding an
+activation early (in the forward pass, with the rebuilt tensor kept alive
+until the backward pass). :func:`tie` and :func:`after` add data
+dependencies that forbid each, without changing any value.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _never(words) -> jax.Array:
+  """A predicate XLA cannot prove false that is never true.
+
+  A 32-bit word has at most 32 set bits.
+  """
+  bits = sum(jax.lax.population_count(w) for w in words)
+  return bits > 32 * len(words)
+
+
+def _word(x: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+
+def tie(y: jax.Array, res) -> jax.Array:
+  """Returns ``y`` unchanged, made to depend on every array of ``res``.
+
+  XLA schedules a residual's computation wherever it likes before its first
+  use, which is in the backward pass; it was seen postponing the last
+  contractions of a Tucker core there and keeping a larger intermediate (or
+  the input itself) alive in its place. ``lax.optimization_barrier`` does not
+  prevent this on the CPU, whose pipeline removes barriers early. Here ``y``
+  passes through a select whose predicate reads a reduction of every
+  residual array and is never true, so the residual must exist before ``y``
+  is used, and ``y``'s values, NaNs included, are untouched.
+
+  Args:
+    y: The primal output.
+    res: A pytree of arrays to compute no later than ``y``.
+
+  Returns:
+    ``y``, same values.
+  """
+  leaves = [l for l in jax.tree_util.tree_leaves(res) if l.size]
+  if not leaves:
+    return y
+  never = _never([_word(jnp.max(l)) for l in leaves])
+  return jnp.where(never, jnp.zeros_like(y), y)
+
+
+def after(x: jax.Array, g: jax.Array) -> jax.Array:
+  """Returns ``x`` unchanged, made to depend on the cotangent ``g``.
+
+  Work in a backward rule that reads only residuals (rebuilding part of an
+  activation, flipping a kernel) can otherwise be hoisted by XLA into the
+  forward pass, where its larger result is then kept alive until the backward
+  pass. One element of ``g`` is enough to pin it after ``g`` exists.
+
+  Args:
+    x: Array computed from residuals only.
+    g: The incoming cotangent.
+
+  Returns:
+    ``x``, same values.
+  """
+  if not g.size:
+    return x
+  first = jax.lax.slice(g.reshape(-1), (0,), (1,))[0]
+  return jnp.where(_never([_word(first)]), jnp.zeros_like(x), x)

@@ -1,0 +1,96 @@
+"""The one custom VJP every compressed op runs through.
+
+``compressed_apply(op, method, lhs, rhs, state)`` returns the op's exact
+output, the method's statistics and its new state. Its VJP saves what the
+method's ``compress_for`` returned and ``rhs`` — never ``lhs`` — and its
+backward pass is the method's ``input_grad`` (the op's exact transpose by
+default) and ``weight_grad`` (the op's transpose at the decompressed input by
+default, or a fast path). The op owns the maths of the contraction, the
+method owns what is saved; neither knows the other's type.
+
+Higher-order differentiation is refused: the residual is computed from
+``lhs`` without derivatives, so differentiating the backward pass in ``lhs``
+(a Hessian in the inputs, a meta-gradient through an inner SGD step) would
+silently miss terms. :func:`first_order_only` raises instead. Derivatives
+that do not pass through a residual (e.g. a Hessian in the weights of a
+single layer whose input is data) are still allowed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from lowrank_vjp._src.ops import base
+from lowrank_vjp._src.ops import schedule
+
+
+class HigherOrderError(TypeError):
+  """Raised when a compressed op is differentiated more than once in lhs."""
+
+
+@jax.custom_jvp
+def first_order_only(x: jax.Array) -> jax.Array:
+  """Identity whose derivative raises :class:`HigherOrderError`.
+
+  Applied to the activation a method compresses, inside the forward rule:
+  first-order differentiation never differentiates that rule, higher-order
+  differentiation does.
+  """
+  return x
+
+
+@first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+  del primals, tangents
+  raise HigherOrderError(
+      "lowrank_vjp: second-order differentiation through a compressed layer "
+      "is not supported (its saved residual is not differentiable in the "
+      "layer input, so the result would be wrong). Use method='none' (or "
+      "lowrank_vjp.methods.Vanilla()) for the layers you differentiate "
+      "twice, e.g. in MAML's inner step or a Hessian in the inputs.")
+
+
+def _stop(x):
+  """``x`` with no derivative: a JVP through it raises (see module)."""
+  return jax.lax.stop_gradient(first_order_only(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def compressed_apply(op, method, lhs, rhs, state):
+  """``(op.apply(lhs, rhs), stats, new_state)`` saving a compressed ``lhs``.
+
+  Args:
+    op: A hashable op (:class:`lowrank_vjp._src.ops.base.Op`).
+    method: A hashable :class:`lowrank_vjp.methods.Method`.
+    lhs: The activation.
+    rhs: The weight.
+    state: The method's state (None for stateless methods); not
+      differentiated.
+
+  Returns:
+    ``(y, stats, new_state)``.
+  """
+  _, stats, new_state = method.compress_for(op, _stop(lhs), state)
+  return op.apply(lhs, rhs), stats, new_state
+
+
+def _compressed_apply_fwd(op, method, lhs, rhs, state):
+  res, stats, new_state = method.compress_for(op, _stop(lhs), state)
+  y = schedule.tie(op.apply(lhs, rhs), res)
+  return (y, stats, new_state), (res, rhs)
+
+
+def _compressed_apply_bwd(op, method, saved, cotangents):
+  res, rhs = saved
+  g = cotangents[0]  # statistics and state carry no gradient
+  dlhs = method.input_grad(op, res, rhs, g)
+  drhs = method.weight_grad(op, res, g)
+  # Inside a user's shard_map: each cotangent with its operand's type.
+  dlhs = base.match_varying(dlhs.astype(op.lhs_dtype), op.lhs_manual)
+  drhs = base.match_varying(drhs.astype(op.rhs_dtype), op.rhs_manual)
+  return dlhs, drhs, None
+
+
+compressed_apply.defvjp(_compressed_apply_fwd, _compressed_apply_bwd)

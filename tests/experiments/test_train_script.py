@@ -1,0 +1,141 @@
+"""experiments/train.py end to end on tiny data, and exact resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("sklearn")
+pytest.importorskip("importlib_resources")
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
+                      "experiments", "train.py")
+TINY = ["--dataset", "sklearn_digits", "--batch-size", "4", "--image-size",
+        "32", "--eval-examples", "8", "--eval-batch-size", "8",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def train(script):
+  return script("train")
+
+
+def test_two_steps_end_to_end(train, tmp_path, data_dir, capsys):
+  workdir = str(tmp_path / "run")
+  reports = train.main(TINY + ["--data-dir", data_dir, "--workdir", workdir,
+                               "--steps", "2", "--method", "vanilla,hosvd",
+                               "--checkpoint-every", "1"])
+  assert [r["run"] for r in reports] == ["vanilla", "hosvd(eps=0.8)"]
+  out = capsys.readouterr().out
+  assert "top-1 %" in out and "hosvd(eps=0.8)" in out
+  with open(os.path.join(workdir, "report.json")) as f:
+    combined = json.load(f)
+  assert len(combined["runs"]) == 2
+  for name in ("vanilla", "hosvd"):
+    with open(os.path.join(workdir, name, "report.json")) as f:
+      report = json.load(f)
+    for key in ("accuracy", "activation_memory_analytic_peak_mib",
+                "activation_memory_analytic_mean_mib", "xla_temp_mib",
+                "xla_peak_mib", "step_time_mean_s", "step_time_median_s",
+                "ranks"):
+      assert report[key] is not None, key
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert len(report["layers"]) == 4
+    with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert set(rows[0]["ranks"]) == set(report["layers"])
+  vanilla, hosvd = reports
+  assert (hosvd["activation_memory_analytic_peak_mib"]
+          < vanilla["activation_memory_analytic_peak_mib"])
+  assert vanilla["activation_memory_analytic_peak_mib"] == pytest.approx(
+      vanilla["activation_memory_vanilla_mib"])
+  for png in ("accuracy_vs_memory.png", "ranks.png"):
+    assert os.path.getsize(os.path.join(workdir, png)) > 1000
+
+
+def _final_state(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir,
+                                                               "ckpt")))
+  assert manager.latest_step() == step
+  return manager.restore(step)
+
+
+@pytest.mark.parametrize("method", ["hosvd", "asi"])
+def test_resume_reproduces_the_uninterrupted_run(train, tmp_path, data_dir,
+                                                 method):
+  common = TINY + ["--data-dir", data_dir, "--steps", "4", "--method",
+                   method, "--checkpoint-every", "2"]
+  straight = str(tmp_path / "straight")
+  resumed = str(tmp_path / "resumed")
+  train.main(common + ["--workdir", straight])
+  assert train.main(common + ["--workdir", resumed, "--interrupt-at",
+                              "2"]) == []
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    assert len(f.readlines()) == 2
+  train.main(common + ["--workdir", resumed])
+
+  a, b = _final_state(straight, 4), _final_state(resumed, 4)
+  leaves_a = jax.tree_util.tree_leaves(a)
+  leaves_b = jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  started = jax.tree_util.tree_leaves_with_path(a["asi_state"])
+  started = [v for p, v in started if "started" in jax.tree_util.keystr(p)]
+  # ASI's factors are checkpointed with the rest; other methods carry none.
+  assert len(started) == (4 if method == "asi" else 0)
+  assert all(bool(v) for v in started)
+  rows = []
+  for workdir in (straight, resumed):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows.append([json.loads(line) for line in f])
+  assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+  for ra, rb in zip(*rows, strict=True):
+    assert ra["loss"] == rb["loss"] and ra["ranks"] == rb["ranks"]
+  reports = []
+  for workdir in (straight, resumed):
+    with open(os.path.join(workdir, "report.json")) as f:
+      reports.append(json.load(f))
+  assert reports[0]["accuracy"] == reports[1]["accuracy"]
+
+
+def test_any_tfds_dataset_by_name(train, tmp_path):
+  """A tfds dataset by name (mocked: no data is present offline)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=8):
+    (report,) = train.main(
+        TINY + ["--dataset", "mnist", "--data-dir", str(tmp_path / "tfds"),
+                "--workdir", str(tmp_path / "run"), "--steps", "1",
+                "--method", "vanilla"])
+  assert report["dataset"] == "mnist" and report["num_classes"] == 10
+  assert report["steps"] == 1
+
+
+def test_help_lists_the_flags():
+  out = subprocess.run(
+      [sys.executable, SCRIPT, "--help"],
+      check=True, capture_output=True, text=True).stdout
+  for flag in ("--model", "--weights", "--method", "--eps", "--method-kwargs",
+               "--layers", "--train-bn", "--dataset", "--data-dir", "--steps",
+               "--batch-size", "--image-size", "--optimizer", "--lr",
+               "--momentum", "--weight-decay", "--warmup-steps",
+               "--clip-grad-norm", "--eval-examples", "--eval-batch-size",
+               "--checkpoint-every", "--rank-control", "--rank-patience",
+               "--rank-headroom", "--workdir", "--seed", "--no-progress",
+               "--fresh"):
+    assert flag in out, flag
+
+
+def test_flag_defaults_are_the_library_defaults(train):
+  from lowrank_vjp import training  # pylint: disable=g-import-not-at-top
+  assert training.TrainConfig(**vars(train.parse_args([]))) == (
+      training.TrainConfig())

@@ -1,0 +1,105 @@
+"""The one custom VJP: what it saves, and what it refuses.
+
+Mirrors ``lowrank_vjp/_src/ops/vjp.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import lowrank_vjp as lv
+
+DN = ("NHWC", "HWIO", "NHWC")
+COMPRESSING = [lv.methods.Hosvd(eps=1.0), lv.methods.Svd(eps=1.0),
+               lv.methods.Quant(bits=8), lv.methods.GradFilter(radius=2)]
+
+
+def _conv(method):
+  conv = lv.compressed_conv(method=method)
+  return lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=DN)
+
+
+def _data():
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (2, 6, 6, 3))
+  w1 = jax.random.normal(k[1], (3, 3, 3, 3)) * 0.3
+  w2 = jax.random.normal(k[2], (3, 3, 3, 2)) * 0.3
+  return x, w1, w2
+
+
+def _two_layers(method):
+  first, second = _conv(lv.methods.Vanilla()), _conv(method)
+
+  def loss(ws, x):
+    return jnp.sum(jnp.tanh(second(jnp.tanh(first(x, ws[0])), ws[1])) ** 2)
+  return loss
+
+
+@pytest.mark.parametrize("method", COMPRESSING, ids=lambda m: m.label)
+def test_meta_gradient_through_an_inner_step_raises(method):
+  """MAML: differentiate the loss after one SGD step (was 0.43 off)."""
+  x, w1, w2 = _data()
+  loss = _two_layers(method)
+
+  def meta(ws):
+    g = jax.grad(loss)(ws, x)
+    return loss(jax.tree_util.tree_map(lambda w, d: w - 0.1 * d, ws, g), x)
+
+  with pytest.raises(lv.HigherOrderError, match="second-order"):
+    jax.grad(meta)((w1, w2))
+  with pytest.raises(lv.HigherOrderError):
+    jax.hessian(lambda ws: loss(ws, x))((w1, w2))
+
+
+def test_meta_gradient_with_vanilla_is_exact():
+  x, w1, w2 = _data()
+  loss = _two_layers(lv.methods.Vanilla())
+  plain = lambda ws, x: jnp.sum(jnp.tanh(lax.conv_general_dilated(
+      jnp.tanh(lax.conv_general_dilated(x, ws[0], (1, 1), "SAME",
+                                        dimension_numbers=DN)),
+      ws[1], (1, 1), "SAME", dimension_numbers=DN)) ** 2)
+
+  def meta(loss):
+    def f(ws):
+      g = jax.grad(loss)(ws, x)
+      return loss(jax.tree_util.tree_map(lambda w, d: w - 0.1 * d, ws, g), x)
+    return jax.grad(f)((w1, w2))
+
+  for a, b in zip(meta(loss), meta(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", COMPRESSING[:3], ids=lambda m: m.label)
+def test_hessian_in_the_weight_of_a_layer_on_data_is_allowed(method):
+  """No derivative passes through the residual: JAX's own answer."""
+  x, w1, _ = _data()
+  conv = _conv(method)
+  f = lambda w: jnp.sum(jnp.tanh(conv(x, w)))
+  ref = lambda w: jnp.sum(jnp.tanh(lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=DN)))
+  got, want = jax.hessian(f)(w1), jax.hessian(ref)(w1)
+  scale = float(jnp.max(jnp.abs(want)))
+  err = float(jnp.max(jnp.abs(got - want))) / scale
+  assert err < (1e-5 if isinstance(method, lv.methods.TuckerMethod)
+                else 0.1), err
+
+
+def test_residual_holds_no_copy_of_the_input():
+  x, w1, _ = _data()
+  layer = _conv(lv.methods.Quant(bits=4))
+  saved = jax.eval_shape(lambda x, w: jax.vjp(layer, x, w)[1], x, w1)
+  shapes = [(l.shape, str(l.dtype)) for l in jax.tree_util.tree_leaves(saved)]
+  assert (x.shape, "float32") not in shapes, shapes
+
+
+def test_gradients_keep_the_operands_dtypes():
+  x, w1, _ = _data()
+  layer = _conv(lv.methods.Hosvd(eps=1.0))
+  xb = x.astype(jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(layer(x, w).astype(jnp.float32)),
+                    argnums=(0, 1))(xb, w1.astype(jnp.bfloat16))
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16

@@ -1,0 +1,233 @@
+"""The TDLRT step: exactness at full rank, orthonormality, τ, jit, descent."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lowrank_vjp import tdlrt as lt
+from lowrank_vjp._src.tdlrt import step as tdlrt_src
+from lowrank_vjp._src.tensor import algebra
+
+
+def _regression(shape, key=0, n=32, dtype=jnp.float32, target_ranks=None):
+  """Least squares ``‖x · reshape(W, [-1, O]) − y‖²`` with a Tucker target."""
+  k1, k2 = jax.random.split(jax.random.key(key))
+  m, o = int(np.prod(shape[:-1])), shape[-1]
+  x = jax.random.normal(k1, (n, m), dtype)
+  if target_ranks is None:
+    y = jax.random.normal(k2, (n, o), dtype)
+  else:
+    tgt = lt.random_tucker(k2, shape, target_ranks, dtype=dtype).kernel()
+    y = x @ tgt.reshape(m, o)
+
+  def loss_fn(params, batch):
+    x, y = batch
+    k = lt.materialize(params)["w"].reshape(m, o)
+    return jnp.mean(jnp.sum((x @ k - y) ** 2, axis=-1))
+  return loss_fn, (x, y)
+
+
+def _orth_err(u, r):
+  eye = np.diag((np.arange(u.shape[1]) < r).astype(np.float64))
+  return float(np.max(np.abs(np.asarray(u.T @ u, np.float64) - eye)))
+
+
+@pytest.mark.parametrize("factorization", ["tucker", "matrix"])
+def test_full_rank_step_is_a_gradient_step(x64, factorization):
+  """At full rank and τ = 0 one step (SGD) is ``W − λ∇W`` to round-off."""
+  shape, lr = (3, 3, 4, 5), 0.05
+  loss_fn, batch = _regression(shape, dtype=jnp.float64)
+  kernel = jax.random.normal(jax.random.key(3), shape, jnp.float64)
+  w = lt.tucker_from_kernel(kernel, ranks=None, factorization=factorization)
+  opt = optax.sgd(lr)
+  step = jax.jit(functools.partial(lt.step, loss_fn, opt,
+                                   lt.TDLRTConfig(tau=0.0)))
+  state, metrics = step(lt.init(opt, {"w": w}), batch)
+  grad = jax.grad(lambda k: loss_fn({"w": k}, batch))(kernel)
+  np.testing.assert_allclose(state.params["w"].kernel(), kernel - lr * grad,
+                             rtol=0, atol=1e-12 * float(jnp.abs(kernel).max()))
+  full = [min(n, int(np.prod(w.modes)) // n) for n in w.modes]
+  np.testing.assert_array_equal(metrics["layers"]["['w']"]["ranks"], full)
+
+
+def test_full_rank_momentum_follows_the_rotating_factors(x64):
+  """Momentum state is carried through the factor changes exactly."""
+  shape, lr = (3, 4, 5), 0.02
+  loss_fn, batch = _regression(shape, dtype=jnp.float64)
+  kernel = jax.random.normal(jax.random.key(4), shape, jnp.float64)
+  opt = optax.sgd(lr, momentum=0.9)
+  step = jax.jit(functools.partial(lt.step, loss_fn, opt, lt.TDLRTConfig(
+      tau=0.0, align_bases=True)))
+  state = lt.init(opt, {"w": lt.tucker_from_kernel(kernel, ranks=None)})
+  ref, ref_state = kernel, opt.init(kernel)
+  for _ in range(3):
+    state, _ = step(state, batch)
+    g = jax.grad(lambda k: loss_fn({"w": k}, batch))(ref)
+    upd, ref_state = opt.update(g, ref_state, ref)
+    ref = optax.apply_updates(ref, upd)
+  np.testing.assert_allclose(state.params["w"].kernel(), ref, atol=1e-11)
+
+
+def test_factors_stay_orthonormal_while_ranks_change():
+  shape = (3, 8, 8)
+  loss_fn, batch = _regression(shape, target_ranks=(2, 2, 3), n=64)
+  w = lt.random_tucker(jax.random.key(1), shape, (3, 5, 5))
+  opt = optax.adam(2e-2)
+  step = jax.jit(functools.partial(lt.step, loss_fn, opt,
+                                   lt.TDLRTConfig(tau=0.1)))
+  state = lt.init(opt, {"w": w})
+  seen = set()
+  for _ in range(60):
+    state, m = step(state, batch)
+    ranks = tuple(int(r) for r in m["layers"]["['w']"]["ranks"])
+    seen.add(ranks)
+    w = state.params["w"]
+    for u, r in zip(w.factors, ranks, strict=False):
+      assert _orth_err(u, r) < 1e-5
+      assert np.all(np.asarray(u)[:, r:] == 0)
+    core = np.asarray(w.core)
+    assert np.all(core[ranks[0]:] == 0) and np.all(core[:, ranks[1]:] == 0)
+  assert len(seen) > 1                       # the ranks did move
+  # One compiled step served every rank.
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_loss_falls_and_ranks_are_found():
+  shape = (3, 8, 8)
+  loss_fn, batch = _regression(shape, target_ranks=(2, 2, 3), n=96)
+  w = lt.random_tucker(jax.random.key(2), shape, (3, 6, 6))
+  opt = optax.adam(5e-2)
+  step = jax.jit(functools.partial(lt.step, loss_fn, opt,
+                                   lt.TDLRTConfig(tau=0.1)))
+  state = lt.init(opt, {"w": w})
+  losses = []
+  for _ in range(150):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 1e-3 * losses[0]
+  np.testing.assert_array_equal(state.params["w"].ranks(), [2, 2, 3])
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.2, 0.5])
+def test_truncation_honours_tau(x64, tau):
+  # A core with decaying mode spectra, padded into a larger capacity.
+  key = jax.random.key(5)
+  core = jax.random.normal(key, (6, 7, 5), jnp.float64)
+  for i, n in enumerate(core.shape):
+    core = algebra.mode_dot(core, jnp.diag(0.6 ** jnp.arange(n)), i)
+  core = jnp.pad(core, ((0, 2), (0, 0), (0, 1)))          # masked slots
+  active = jnp.array([6, 7, 5])
+  capacity = (8, 7, 6)
+  new, projs, kept, needed = lt.truncate_core(core, active, capacity, tau)
+  norm = float(jnp.linalg.norm(core))
+  approx = algebra.tucker_product(new, projs)
+  assert float(jnp.linalg.norm(core - approx)) <= np.sqrt(3) * tau * norm
+  for i, r in enumerate(np.asarray(kept)):
+    s = np.linalg.svd(np.asarray(algebra.unfold(core, i)), compute_uv=False)
+    tail = lambda k, s=s: np.sqrt(np.sum(s[k:] ** 2))
+    assert tail(r) <= tau * norm * (1 + 1e-9)           # honours τ …
+    assert r == 1 or tail(r - 1) > tau * norm           # … and is minimal
+    assert _orth_err(projs[i], r) < 1e-10
+    assert np.all(np.asarray(projs[i])[int(active[i]):] == 0)
+  np.testing.assert_array_equal(kept, needed)
+
+
+def test_adaptive_modes_keep_the_other_factors():
+  shape = (3, 6, 6)
+  loss_fn, batch = _regression(shape, target_ranks=(3, 2, 2), n=48)
+  w = lt.random_tucker(jax.random.key(3), shape, (None, 4, 4))
+  opt = optax.adam(5e-2)
+  config = lt.TDLRTConfig(tau=0.1, adaptive_modes=(-2, -1))
+  assert config.modes(3) == (1, 2) and config.modes(2) == (0, 1)
+  step = jax.jit(functools.partial(lt.step, loss_fn, opt, config))
+  state = lt.init(opt, {"w": w})
+  for _ in range(40):
+    state, m = step(state, batch)
+  np.testing.assert_array_equal(state.params["w"].factors[0], w.factors[0])
+  assert int(m["layers"]["['w']"]["ranks"][0]) == 3
+  assert _orth_err(state.params["w"].factors[1],
+                   int(m["layers"]["['w']"]["ranks"][1])) < 1e-5
+
+
+def test_truncation_caps_at_capacity_and_reports_need(x64):
+  core = jax.random.normal(jax.random.key(0), (6, 6), jnp.float64)
+  _, _, kept, needed = lt.truncate_core(core, jnp.array([6, 6]), (3, 3), 0.01)
+  np.testing.assert_array_equal(kept, [3, 3])
+  assert np.all(np.asarray(needed) > 3)
+
+
+def test_augment_basis(x64):
+  n, cap = 10, 4
+  u, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (n, cap),
+                                         jnp.float64))
+  u = u.at[:, 3:].set(0.0)                                # rank 3
+  g = jax.random.normal(jax.random.key(1), (n, cap), jnp.float64)
+  g = g.at[:, 3:].set(0.0)
+  basis, aug = lt.augment_basis(u, g, 3, min(2 * cap, n), 1e-8)
+  assert basis.shape == (n, 8) and int(aug) == 6
+  np.testing.assert_allclose(basis[:, :3], u[:, :3])        # old basis first
+  assert _orth_err(basis, 6) < 1e-12
+  # The augmented space holds the gradient (and so K − λ∂L/∂K for any λ).
+  np.testing.assert_allclose(basis @ (basis.T @ g), g, atol=1e-12)
+  # A gradient inside span(U) adds nothing; so does a full-rank basis.
+  _, aug = lt.augment_basis(u, u * 2.0, 3, 8, 1e-8)
+  assert int(aug) == 3
+  q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(2), (4, 4),
+                                         jnp.float64))
+  full, aug = lt.augment_basis(q, g[:4], 4, 4, 1e-8)
+  assert int(aug) == 4 and full.shape == (4, 4)
+
+
+def test_second_moments_follow_squared_maps():
+  params = {"w": lt.random_tucker(jax.random.key(0), (4, 5), (2, 3)),
+            "b": jnp.ones(3)}
+  opt = optax.adam(1e-3)
+  state = opt.init(lt.core_tree(params))
+  state = jax.tree_util.tree_map(lambda x: x + 1.0, state)
+  path = lt.core_tree  # noqa: F841 (documentation: the tree Adam sees)
+  m = jnp.array([[0.6, 0.8], [-0.8, 0.6]])
+  out = tdlrt_src.transport_state(state, [(
+      (jax.tree_util.DictKey("w"),), (2, 3),
+      lambda x: algebra.mode_dot(x, m, 0),
+      lambda x: algebra.mode_dot(x, m * m, 0))])
+  adam = out[0]
+  np.testing.assert_allclose(adam.mu["w"], m @ state[0].mu["w"], rtol=1e-6)
+  np.testing.assert_allclose(adam.nu["w"], (m * m) @ state[0].nu["w"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(adam.mu["b"], state[0].mu["b"])
+  assert int(adam.count) == int(state[0].count)
+
+
+def test_tucker_adapter_trains_with_tdlrt():
+  shape = (3, 6, 6)
+  loss_fn, batch = _regression(shape, n=48)
+  base = 0.1 * jax.random.normal(jax.random.key(7), shape)
+  params = {"w": lt.tucker_adapter(jax.random.key(8), base, (3, 3, 3))}
+  opt = optax.adam(1e-2)
+  step = jax.jit(functools.partial(lt.step, loss_fn, opt,
+                                   lt.TDLRTConfig(tau=0.1)))
+  state = lt.init(opt, params)
+  first = None
+  for _ in range(40):
+    state, m = step(state, batch)
+    first = float(m["loss"]) if first is None else first
+  assert float(m["loss"]) < 0.8 * first
+  np.testing.assert_array_equal(state.params["w"].base, base)
+  assert "['w'].delta" in m["layers"]
+
+
+def test_errors():
+  opt = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="TuckerWeight"):
+    lt.step(lambda p, b: jnp.sum(p["a"]), opt, lt.TDLRTConfig(),
+            lt.init(opt, {"a": jnp.ones(3)}), None)
+  for bad in (dict(tau=-0.1), dict(min_rank=0), dict(orth_tol=-1.0),
+              dict(adaptive_modes=(0.5,))):
+    with pytest.raises(ValueError):
+      lt.TDLRTConfig(**bad)

@@ -1,0 +1,89 @@
+"""lowrank_vjp.training.loop: the rank controller's redo and fit."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowrank_vjp import training
+
+CONFIG = training.TrainConfig(steps=3, lr=0.05, warmup_steps=1)
+
+
+@pytest.mark.parametrize("name,controlled", [
+    ("vanilla", False), ("quant", False), ("hosvd", True), ("svd", True)])
+def test_a_controller_only_for_eps_ranks(tiny, name, controlled):
+  plan = tiny.plan(training.method_settings(name, eps=0.9))
+  controller = training.make_controller(plan, patience=1, headroom=1.5)
+  assert (controller is not None) is controlled
+
+
+def test_run_step_redoes_an_overflowing_step(tiny):
+  # A tiny capacity that eps = 0.999 overflows: the controller grows it and
+  # the step is recomputed from the same state.
+  settings = training.method_settings(
+      "hosvd", eps=0.999, method_kwargs={"rank_fraction": 0.1})
+  plan = tiny.plan(settings)
+  trained, frozen = plan.split(tiny.variables)
+  tx = training.make_optimizer(CONFIG)
+  state = training.initial_state(trained, tx)
+  controller = training.make_controller(plan, patience=10, headroom=1.0)
+  step = training.make_train_step(tiny.model, plan, tx, 0, None,
+                                  donate=False)
+  new, metrics = training.run_step(step, controller, state, frozen, tiny.x,
+                                   tiny.labels)
+  assert controller.redos >= 1
+  assert int(new["step"]) == 1 and int(state["step"]) == 0   # not donated
+  assert not bool(np.any(np.asarray(metrics["stats"]["conv2"].overflow)))
+  assert isinstance(metrics["loss"], np.ndarray)              # on the host
+
+
+@pytest.mark.parametrize("name", ["vanilla", "hosvd", "asi"])
+def test_fit_over_batches(tiny, name):
+  plan = tiny.plan(training.method_settings(name, eps=0.9))
+  batches = [(tiny.x * (1 + 0.1 * i), tiny.labels) for i in range(3)]
+  run = training.fit(tiny.model, plan, tiny.variables, batches, CONFIG,
+                     seed=0, image_size=None)
+  assert len(run.rows) == 3 and run.cached
+  assert (run.controller is not None) is (name == "hosvd")
+  assert (run.capacities() is None) is (name != "hosvd")
+  for row in run.rows:
+    assert np.isfinite(row["loss"]) and row["step_time_s"] > 0
+    assert set(row["ranks"]) == {"conv2"}
+  summary = training.summarise(run.rows)
+  assert summary["analytic_peak_mib"] >= summary["analytic_mean_mib"] > 0
+  assert int(run.state["step"]) == 3
+  # fit copies what it trains: the caller's variables are untouched.
+  assert not tiny.variables["params"]["head"]["kernel"].is_deleted()
+  variables = training.final_variables(run.plan, run.state, run.frozen)
+  accuracy = training.evaluate_arrays(tiny.model, variables, tiny.x,
+                                      tiny.labels, batch=3)
+  assert accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_evaluate_on_a_split_pads_the_last_batch(tiny):
+  rng = np.random.default_rng(0)
+  split = training.Split(
+      [{"image": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8),
+        "label": i % 8} for i in range(7)], "image", "label", 8)
+  step = training.make_eval_step(tiny.model, 6)
+  got = training.evaluate(step, tiny.variables, split, image_size=6,
+                          examples=0, batch_size=4)
+  images, labels = split.get(np.arange(7), 6)
+  from lowrank_vjp import models  # pylint: disable=g-import-not-at-top
+  logits = tiny.model.apply(tiny.variables, models.preprocess(images, 6))
+  want = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+  assert got == pytest.approx(want)
+  assert training.evaluate(step, tiny.variables, split, image_size=6,
+                           examples=3, batch_size=4) == pytest.approx(
+                               float(np.mean(np.argmax(np.asarray(logits[:3]),
+                                                       -1) == labels[:3])))
+
+
+def test_fit_raises_on_a_non_finite_loss(tiny):
+  plan = tiny.plan(training.method_settings("vanilla"))
+  batches = [(jnp.full_like(tiny.x, jnp.nan), tiny.labels)]
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    training.fit(tiny.model, plan, tiny.variables, batches, CONFIG, seed=0,
+                 image_size=None)

@@ -1,0 +1,61 @@
+"""lowrank_vjp.training.report: run reports and the comparison table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lowrank_vjp as lv
+from lowrank_vjp import training
+
+
+def _rows(plan, n=3):
+  return [{"step": s + 1, "loss": 2.0 - s, "train_accuracy": 0.1 * s,
+           "step_time_s": 0.01 * (s + 1),
+           "activation_memory_analytic_mib": 1.0 + s,
+           "activation_memory_vanilla_mib": 8.0,
+           "activation_memory_capacity_mib": 4.0,
+           "ranks": {p: [s + 1, 2, 3, 4] for p in plan.compressed_paths},
+           "overflow_layers": int(s == 1)} for s in range(n)]
+
+
+def test_make_report_fields(tiny):
+  settings = training.method_settings("hosvd", eps=0.8)
+  plan = tiny.plan(settings)
+  config = training.TrainConfig(dataset="sklearn_digits", steps=3)
+  xla = lv.measure.XlaMemory(2**20, 2**20, 3 * 2**20, 0, "cpu")
+  report = training.make_report(
+      config, "hosvd(eps=0.8)", settings, plan, _rows(plan), xla, 0.5, None,
+      1.0, 2.0, 3.0, 8)
+  json.dumps(report)
+  assert report["method"] == "hosvd" and report["settings"] == settings
+  assert report["activation_memory_analytic_peak_mib"] == 3.0
+  assert report["activation_memory_analytic_mean_mib"] == 2.0
+  assert report["overflow_steps"] == 1 and report["final_loss"] == 0.0
+  assert report["xla_temp_mib"] == 3.0 and report["pretrained"] is False
+  assert report["step_time_median_s"] == pytest.approx(0.02)
+  assert report["ranks"]["conv2"] == {"shape": [4, 6, 6, 8],
+                                      "final": [3, 2, 3, 4],
+                                      "max": [3, 2, 3, 4],
+                                      "mean": [2.0, 2.0, 3.0, 4.0]}
+  vanilla = training.make_report(
+      config, "vanilla", {"method": "none"}, plan, _rows(plan), xla, 0.5,
+      None, 1.0, 2.0, 3.0, 8)
+  assert vanilla["method"] == "vanilla"
+
+
+def test_table_has_one_line_per_run():
+  reports = [{"run": r, "accuracy": 0.5,
+              "activation_memory_analytic_peak_mib": 1.0,
+              "activation_memory_analytic_mean_mib": 0.5,
+              "activation_memory_vanilla_mib": 2.0, "xla_temp_mib": 3.0,
+              "step_time_median_s": 0.01} for r in ("vanilla", "hosvd")]
+  lines = training.table(reports).splitlines()
+  assert len(lines) == 4 and "top-1 %" in lines[0]
+  assert lines[2].split()[:2] == ["vanilla", "50.00"]
+
+
+def test_environment_is_stamped():
+  env = training.environment()
+  assert {"date", "device", "machine", "jax", "flax", "python"} <= set(env)
