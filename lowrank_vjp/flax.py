@@ -1,4 +1,4 @@
-"""Flax integration: Linen adapters for compressed convolutions and denses."""
+"""Flax integration: Linen modules for compressed convolutions and denses."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def _check_state(method: Method, state: Any, where: str) -> None:
         f"method {method!r} carries state from step to step, so {where} "
         "cannot run it: call `.with_state(..., state=state)` with the state "
         "from `.init_state(...)` (same arguments as the call) and keep the "
-        "new state it returns, or use the Flax adapters "
+        "new state it returns, or use the Flax modules "
         "(lowrank_vjp.flax.conv_cls / dense_cls), which keep it in a "
         "variable collection. (NNX layers call the drop-in without a state: "
         "use a stateless method there.)")

@@ -192,7 +192,7 @@ def run_label(name: str, settings: Mapping[str, Any]) -> str:
 
 
 def unsupported(settings: Mapping[str, Any]) -> str | None:
-  """Why ``settings`` cannot run through the Flax adapters, or None.
+  """Why ``settings`` cannot run through the Flax modules, or None.
 
   Example:
     >>> unsupported({"method": "hosvd"}) is None

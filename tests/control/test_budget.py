@@ -45,6 +45,30 @@ def test_budget_too_small_is_a_clear_error():
 
 
 def test_capacities_drive_layers_through_the_scope():
-  samples = {"high": _sample(jax.random.PRNGKey(1), False)}
-  caps, _ = lv.plan_ranks(samples, 30_000)
+  import flax.linen as nn
+  import lowrank_vjp.flax as lvf
+
+  sample = _sample(jax.random.PRNGKey(1), False)
+  caps, chosen = lv.plan_ranks({"high": sample}, 30_000)
   assert all(isinstance(r, int) for r in caps["high"])
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), padding="SAME", name="high",
+                     conv_general_dilated_cls=lvf.conv_cls(
+                         method="hosvd", eps=chosen["high"].eps,
+                         on_overflow="ignore"))(x)
+
+  x = sample.lhs[0]
+  variables = Net().init(jax.random.key(0), x)
+
+  def sown(capacities):
+    with lv.rank_capacities(capacities):
+      _, state = Net().apply(variables, x, mutable=["compression"])
+    return lvf.collect_stats(state)["high"]
+
+  planned = sown(caps)
+  assert planned.capacity == caps["high"]             # the scope reached it
+  assert planned.residual_nbytes == chosen["high"].nbytes
+  assert sown(None).capacity != caps["high"]          # the default differs

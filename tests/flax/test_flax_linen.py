@@ -151,8 +151,9 @@ def test_linen_conv_no_stats_unless_mutable():
   _, comp, params, x = _linen_conv_setup("nhwc_same", LOSSY)
   y = jax.eval_shape(comp.apply, {"params": params}, x)
   assert isinstance(y, jax.ShapeDtypeStruct)  # Not a (y, state) pair.
+  # init sows nothing (its statistics, merged back, would grow every step).
   variables = jax.eval_shape(comp.init, jax.random.key(1), x)
-  assert set(variables) == {"params", "compression"}
+  assert set(variables) == {"params"}
 
 
 def test_custom_collection_name():
@@ -643,7 +644,8 @@ def test_namespace():
   assert set(lvf.__all__) == {
       "ASI_COLLECTION", "COLLECTION",
       "CompressedConvGeneralDilated", "CompressedDotGeneral",
-      "FrozenBatchNorm", "collect_stats", "conv_cls", "dense_cls"}
+      "FrozenBatchNorm", "StatsDroppedWarning", "collect_stats", "conv_cls",
+      "dense_cls"}
   for name in lvf.__all__:
     assert getattr(lvf, name) is not None
   # The package's own `flax.py` does not shadow the real Flax.

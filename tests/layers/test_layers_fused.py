@@ -104,6 +104,22 @@ def test_fused_block_statistics_and_stochastic():
       u, w, scale, bias, (1, 1), "SAME", dimension_numbers=DN, bits=4,
       stochastic=True)[0])))(u)
   assert bool(jnp.all(jnp.isfinite(g)))
+  # Stochastic rounding never crosses ReLU's threshold: the decoded mask is
+  # exactly z > 0, for every bit width, on several inputs.
+  for bits in (2, 4, 8):
+    for seed in (2, 5):
+      u, w, scale, bias = _block_inputs(seed)
+      spec = conv_lib.conv_spec(u, w, (1, 1), "SAME", dimension_numbers=DN)
+      bspec = fused.BlockSpec(spec, bits, True, 1e-5)
+      _, saved = fused._block_fwd(bspec, u, w, scale, bias)  # pylint: disable=protected-access
+      _, _, mask = fused.decode_block(bspec, saved[0], scale, bias)
+      mean, var = jnp.mean(u, (0, 1, 2)), jnp.var(u, (0, 1, 2))
+      z = (u - mean) * lax.rsqrt(var + 1e-5) * scale + bias
+      np.testing.assert_array_equal(mask, z > 0)
+      # ... and it is stochastic: other codes than nearest rounding's.
+      nearest = fused._block_fwd(  # pylint: disable=protected-access
+          fused.BlockSpec(spec, bits, False, 1e-5), u, w, scale, bias)[1][0]
+      assert not np.array_equal(np.asarray(saved[0]), np.asarray(nearest))
 
 
 def test_fused_block_keeps_only_codes_and_statistics():

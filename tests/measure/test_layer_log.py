@@ -75,5 +75,5 @@ def test_flax_layers_are_named_by_module_path():
   with layer_log.recording() as log:
     jax.eval_shape(Net().apply, variables, x)
   assert [r.name for r in log] == ["c", "c#1", "head"]
-  assert layer_log.ADAPTERS == (lvf.CompressedConvGeneralDilated.__name__,
+  assert layer_log.MODULES == (lvf.CompressedConvGeneralDilated.__name__,
                                 lvf.CompressedDotGeneral.__name__)

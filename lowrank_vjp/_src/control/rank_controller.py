@@ -9,7 +9,7 @@ rung lower for ``patience`` steps. Few distinct capacity settings means few
 compiles; a revisited setting hits jit's cache.
 
 Capacities reach the layers through :func:`rank_capacities`, a scope read at
-trace time by the Flax adapters (by module path). Pass the controller's
+trace time by the Flax modules (by module path). Pass the controller's
 :meth:`RankController.key` as a static argument of the jitted step and open
 the scope inside the step, so that a new setting compiles a new program::
 

@@ -1,6 +1,6 @@
 """The capacity scope: per-layer rank capacities set around a traced step.
 
-:func:`rank_capacities` is read at trace time by the Flax adapters, keyed by
+:func:`rank_capacities` is read at trace time by the Flax modules, keyed by
 module path; :func:`configured` gives a layer's method with the capacity the
 scope sets for it. See :mod:`lowrank_vjp._src.control.rank_controller`.
 """
@@ -23,7 +23,7 @@ def rank_capacities(
 ) -> Iterator[None]:
   """Sets per-layer rank capacities for the compressed layers traced inside.
 
-  Read at trace time by the Flax adapters, keyed by module path (the keys of
+  Read at trace time by the Flax modules, keyed by module path (the keys of
   :func:`lowrank_vjp.flax.collect_stats`). Layers without an entry keep their
   own configuration. Open it inside the jitted function and pass the
   capacities as a static argument (see the module docstring).

@@ -28,11 +28,10 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from lowrank_vjp._src.flax import linen as flax_adapters
+from lowrank_vjp._src.flax import linen as flax_linen
 from lowrank_vjp._src.methods import base as methods_base
 
-_ADAPTERS = (flax_adapters.CompressedConvGeneralDilated,
-             flax_adapters.CompressedDotGeneral)
+_MODULES = flax_linen.MODULES
 
 
 def _freeze(value):
@@ -167,7 +166,7 @@ def discover(model: nn.Module, *args, variables=None, rngs=None,
 
   Returns:
     One :class:`Layer` per module path that was called (parameter-free
-    modules included, the library's own adapters excluded).
+    modules included, the library's own Linen modules excluded).
 
   Example::
 
@@ -185,7 +184,7 @@ def discover(model: nn.Module, *args, variables=None, rngs=None,
 
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if context.method_name == "__call__" and not isinstance(module, _ADAPTERS):
+    if context.method_name == "__call__" and not isinstance(module, _MODULES):
       path = "/".join(str(p) for p in module.path)
       if path and path not in seen:
         x = call_args[0] if call_args else None
@@ -336,15 +335,15 @@ class Plan:
     for path, method in self.compressed:
       kind = self.layer(path).kind
       target = convs if kind == "conv" else denses
-      make = (flax_adapters.conv_cls if kind == "conv"
-              else flax_adapters.dense_cls)
+      make = (flax_linen.conv_cls if kind == "conv"
+              else flax_linen.dense_cls)
       target[path] = make(method)
     bn_train = frozenset(self.train_bn)
     freeze_bn = self.freeze_bn
 
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
-      if context.method_name != "__call__" or isinstance(module, _ADAPTERS):
+      if context.method_name != "__call__" or isinstance(module, _MODULES):
         return next_fun(*args, **kwargs)
       path = "/".join(str(p) for p in module.path)
       if path in convs and isinstance(module, nn.Conv):

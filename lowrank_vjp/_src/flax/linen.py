@@ -1,4 +1,4 @@
-"""Linen adapters: compressed convolutions and dense layers for Flax.
+"""Linen modules: compressed convolutions and dense layers for Flax.
 
 Linen's ``nn.Conv`` and ``nn.Dense`` build their contraction from a Module
 class (``conv_general_dilated_cls`` / ``dot_general_cls``), instantiated with
@@ -67,7 +67,7 @@ def _inner_transform(module: nn.Module) -> bool:
 def _layer_key(module: nn.Module) -> str:
   """The layer's name as :func:`collect_stats` reports it (trace time)."""
   path = tuple(str(p) for p in module.path)
-  if path and flax_stats.ADAPTER_NAME.match(path[-1]):
+  if path and flax_stats.MODULE_NAME.match(path[-1]):
     path = path[:-1]
   return "/".join(path)
 
@@ -93,8 +93,8 @@ def _shapes(tree) -> Any:
   return jax.tree_util.tree_map(lambda v: tuple(jnp.shape(v)), tree)
 
 
-class _Adapter(nn.Module):
-  """What both adapters share: the method, the stats, the state."""
+class _ContractionModule(nn.Module):
+  """What both Linen modules share: the method, the stats, the state."""
 
   method: Method = hosvd_method.Hosvd()
   collection: str = COLLECTION
@@ -176,7 +176,7 @@ class _Adapter(nn.Module):
     return _from_tree(fresh, stored), mutable
 
 
-class CompressedConvGeneralDilated(_Adapter):
+class CompressedConvGeneralDilated(_ContractionModule):
   """``lax.conv_general_dilated`` as a Linen Module that saves compressed input.
 
   Pass it (usually through :func:`conv_cls`) as ``conv_general_dilated_cls``
@@ -252,7 +252,7 @@ class CompressedConvGeneralDilated(_Adapter):
         preferred_element_type, out_sharding)
 
 
-class CompressedDotGeneral(_Adapter):
+class CompressedDotGeneral(_ContractionModule):
   """``lax.dot_general`` as a Linen Module that saves a compressed ``lhs``.
 
   Pass it (usually through :func:`dense_cls`) as ``dot_general_cls`` of
@@ -300,13 +300,16 @@ class CompressedDotGeneral(_Adapter):
                      preferred_element_type, out_sharding=out_sharding)
 
 
+MODULES = (CompressedConvGeneralDilated, CompressedDotGeneral)
+"""The library's Linen modules (their names: ``layer_log.MODULES``)."""
+
 _MODULE_SETTINGS = ("collection", "state_collection")
 
 
 class _ModuleFactory(functools.partial):
-  """A ``functools.partial`` of an adapter that refuses to be the op itself.
+  """A ``functools.partial`` of a Linen module that refuses to be the op.
 
-  ``nn.Conv`` / ``nn.Dense`` call it with no arguments to build the adapter;
+  ``nn.Conv`` / ``nn.Dense`` call it with no arguments to build the Linen module;
   a call with positional arguments means it was handed to something that
   wants the contraction itself (NNX's ``conv_general_dilated=``), which gets
   a clear error instead of a confusing Linen one.

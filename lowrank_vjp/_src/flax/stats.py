@@ -1,4 +1,4 @@
-"""Reading what the Linen adapters sowed: :func:`collect_stats`."""
+"""Reading what the Linen modules sowed: :func:`collect_stats`."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from lowrank_vjp._src.measure import layer_log
 CompressionStats = stats_lib.CompressionStats
 
 COLLECTION = "compression"
-"""Default name of the Linen collection the adapters sow their stats into."""
+"""Default name of the Linen collection the Linen modules sow their stats into."""
 
 STATS = "stats"
 """Name of the sown variable inside the collection."""
 
-ADAPTER_NAME = re.compile(
-    rf"^(?:{'|'.join(layer_log.ADAPTERS)})_\d+$")
-"""Auto-generated names of the adapters (dropped from reported paths)."""
+MODULE_NAME = re.compile(
+    rf"^(?:{'|'.join(layer_log.MODULES)})_\d+$")
+"""Auto-generated names of the Linen modules (dropped from reported paths)."""
 
 
 def _value(x):
@@ -48,8 +48,8 @@ def collect_stats(variables_or_state: Mapping[str, Any],
                   ) -> dict[str, CompressionStats]:
   """Flattens a sown ``"compression"`` collection into ``{path: stats}``.
 
-  Keys are module paths joined by ``"/"``. The adapter's own auto-generated
-  name is dropped when it is the only adapter under its layer, so
+  Keys are module paths joined by ``"/"``. The module's own auto-generated
+  name is dropped when it is the only such module under its layer, so
   ``nn.Conv(name="conv1")`` reports under ``"conv1"`` rather than
   ``"conv1/CompressedConvGeneralDilated_0"``. A layer called several times in
   one ``apply`` sows several stats; when they agree in their static fields
@@ -61,7 +61,7 @@ def collect_stats(variables_or_state: Mapping[str, Any],
       returned as its second output, a full variables dict, or the
       collection itself (a nested mapping whose leaves are ``"stats"``
       tuples).
-    collection: The collection name the adapters sowed into.
+    collection: The collection name the Linen modules sowed into.
 
   Returns:
     ``{"path/to/layer": CompressionStats}``, sorted by path; empty when
@@ -96,7 +96,7 @@ def collect_stats(variables_or_state: Mapping[str, Any],
     per_parent[path[:-1]] = per_parent.get(path[:-1], 0) + 1
   out: dict[str, CompressionStats] = {}
   for path, sown in found:
-    if path and ADAPTER_NAME.match(path[-1]) and per_parent[path[:-1]] == 1:
+    if path and MODULE_NAME.match(path[-1]) and per_parent[path[:-1]] == 1:
       path = path[:-1]
     key = "/".join(path)
     entries = list(sown) if isinstance(sown, (tuple, list)) else [sown]

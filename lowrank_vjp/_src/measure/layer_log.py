@@ -14,8 +14,8 @@ import contextvars
 import dataclasses
 from typing import Any
 
-ADAPTERS = ("CompressedConvGeneralDilated", "CompressedDotGeneral")
-"""Class names of the Linen adapters (lowrank_vjp.flax): the one list."""
+MODULES = ("CompressedConvGeneralDilated", "CompressedDotGeneral")
+"""Class names of the Linen modules (lowrank_vjp.flax): the one list."""
 
 _KINDS = {"conv": "conv", "dot": "dense"}
 
@@ -57,8 +57,8 @@ def _module_path() -> str | None:
   except Exception:  # pylint: disable=broad-except  # Flax absent or moved.
     return None
   for module in reversed(stack):
-    # The adapters are the layers' own sub-modules: name the layer instead.
-    if module is None or type(module).__name__ in ADAPTERS:
+    # The Linen modules are the layers' own sub-modules: name the layer instead.
+    if module is None or type(module).__name__ in MODULES:
       continue
     path = getattr(module, "path", None)
     if path:

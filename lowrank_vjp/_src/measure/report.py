@@ -234,7 +234,7 @@ def memory_report(fn: Callable, *args, argnums: int | Sequence[int] = 0,
   """Per-layer saved bytes (formula and measured) and whole-step figures.
 
   Works for any function that calls ``lv.compressed_conv`` /
-  ``lv.compressed_dense`` (directly, through the Flax adapters, or through
+  ``lv.compressed_dense`` (directly, through the Flax modules, or through
   per-layer rules): the layers are found while ``fn`` is traced.
 
   Args:

@@ -13,7 +13,7 @@ HOSVD's (:mod:`lowrank_vjp._src.methods.tucker`); only how the factors are found
 
 The factors are state that the training loop carries: an :class:`AsiState`
 through ``with_state`` of the drop-ins, or a Linen variable collection in the
-Flax adapter.
+Flax Linen modules.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def asi_compress(x: jax.Array, state: AsiState, capacity):
 class Asi(tucker.TuckerMethod):
   """Warm-started subspace iteration at fixed ranks (Nguyen et al., 2025).
 
-  A stateful method: the drop-ins' ``with_state`` and the Flax adapters
+  A stateful method: the drop-ins' ``with_state`` and the Flax modules
   (collection ``"asi_state"``) carry the factors from step to step. The
   first step (an unstarted state) runs the exact truncated HOSVD.
 

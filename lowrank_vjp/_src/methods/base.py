@@ -11,7 +11,7 @@ pass. A user's method needs two functions::
     def decompress(self, residual, like):  # like: jax.ShapeDtypeStruct of x
       return residual.astype(like.dtype)
 
-and then works in every drop-in, Flax adapter and fine-tuning rule, with the
+and then works in every drop-in, Flax module and fine-tuning rule, with the
 exact input gradient and the weight gradient taken at ``decompress(...)``.
 The optional hooks below (:meth:`Method.compress_for`,
 :meth:`Method.weight_grad`, :meth:`Method.input_grad`,
