@@ -7,6 +7,8 @@ from lowrank_vjp._src.measure.xla import temp_bytes_per_layer as temp_bytes_per_
 from lowrank_vjp._src.measure.xla import vjp_residual_bytes as vjp_residual_bytes
 from lowrank_vjp._src.measure.xla import xla_memory as xla_memory
 from lowrank_vjp._src.measure.xla import XlaMemory as XlaMemory
+from lowrank_vjp._src.measure.max_batch import max_batch as max_batch
+from lowrank_vjp._src.measure.max_batch import MaxBatch as MaxBatch
 from lowrank_vjp._src.measure.report import (
     full_size_residuals as full_size_residuals,
 )
@@ -21,11 +23,13 @@ __all__ = (
     "FullSizeResidualWarning",
     "LayerBytes",
     "LayerMemory",
+    "MaxBatch",
     "MemoryReport",
     "XlaMemory",
     "format_table",
     "full_size_residuals",
     "layer_table",
+    "max_batch",
     "memory_report",
     "temp_bytes_per_layer",
     "vjp_residual_bytes",
