@@ -17,7 +17,6 @@ is stateful), so a new method needs no edit here:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -37,8 +36,7 @@ def _method(settings: Any) -> lvm.Method:
 
 
 def _takes(name: str, setting: str) -> bool:
-  cls = methods_base.method_class(name)
-  return setting in {f.name for f in dataclasses.fields(cls)}
+  return setting in methods_base.settings_of(methods_base.method_class(name))
 
 
 def run_names(methods: str) -> list[str]:
