@@ -174,9 +174,12 @@ def part_memory(args, splits, save, log=print) -> dict:
         cell.update(training.summarise(run.rows))
         tail, whole = cf.step_memory(net, run, batches[0][0].shape, labels)
         cell.update({
+            # Estimated peaks of identically built (donated) programs; the
+            # temp bytes alone move with donation.
+            "xla_tail_peak_mib": tail.peak_bytes / MiB,
+            "xla_whole_peak_mib": whole.peak_bytes / MiB,
             "xla_tail_temp_mib": tail.temp_bytes / MiB,
             "xla_whole_temp_mib": whole.temp_bytes / MiB,
-            "xla_whole_peak_mib": whole.peak_bytes / MiB,
             "capacities": None if run.controller is None else {
                 p: list(c) for p, c in run.controller.capacities.items()},
             "ranks_per_step": {p: [r["ranks"][p] for r in run.rows]

@@ -27,8 +27,13 @@ from lowrank_vjp._src.layers.batchnorm import (
     frozen_batch_norm as frozen_batch_norm,
 )
 from lowrank_vjp._src.layers.fused import bn_relu_conv as bn_relu_conv
+from lowrank_vjp._src.layers.pooling import max_pool as max_pool
 from lowrank_vjp._src.methods.checkpoint import checkpointed as checkpointed
 from lowrank_vjp._src.ops.vjp import HigherOrderError as HigherOrderError
+from lowrank_vjp._src.remat import RESIDUAL_NAME as RESIDUAL_NAME
+from lowrank_vjp._src.remat import (
+    save_compressed_residuals as save_compressed_residuals,
+)
 from lowrank_vjp._src.stats import CompressionStats as CompressionStats
 from lowrank_vjp._src.stats import RankOverflowError as RankOverflowError
 from lowrank_vjp._src.stats import RankOverflowWarning as RankOverflowWarning
@@ -48,6 +53,7 @@ __all__ = (
     "RankOption",
     "RankOverflowError",
     "RankOverflowWarning",
+    "RESIDUAL_NAME",
     "TuckerResidual",
     "bn_relu_conv",
     "checkpointed",
@@ -57,6 +63,7 @@ __all__ = (
     "frozen_batch_norm",
     "gelu",
     "hard_swish",
+    "max_pool",
     "measure",
     "methods",
     "models",
@@ -66,6 +73,7 @@ __all__ = (
     "relu",
     "relu6",
     "rules",
+    "save_compressed_residuals",
     "silu",
     "tdlrt",
 )

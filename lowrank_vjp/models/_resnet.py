@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from lowrank_vjp._src.layers.activations import relu
+from lowrank_vjp._src.layers.pooling import max_pool
 from lowrank_vjp.models import _layers
 
 
@@ -77,7 +78,7 @@ class ResNet(nn.Module):
     """Images ``[N, H, W, 3]`` (ImageNet-normalised) to logits."""
     x = _layers.conv(64, 7, 2, name="conv1")(x)
     x = relu(_layers.batch_norm(name="bn1")(x, use_running_average=not train))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(self.stage_sizes):
       x = _Stage(64 * 2**i, blocks, 1 if i == 0 else 2,
                  name=f"layer{i + 1}")(x, train)

@@ -32,6 +32,8 @@ from lowrank_vjp.training.loop import Run as Run
 from lowrank_vjp.training.loop import fit as fit
 from lowrank_vjp.training.loop import make_controller as make_controller
 from lowrank_vjp.training.loop import run_step as run_step
+from lowrank_vjp.training.loop import timed_step as timed_step
+from lowrank_vjp.training.programs import Programs as Programs
 from lowrank_vjp.training.methods import VANILLA as VANILLA
 from lowrank_vjp.training.methods import carries_state as carries_state
 from lowrank_vjp.training.methods import is_vanilla as is_vanilla
@@ -70,6 +72,7 @@ __all__ = (
     "Checkpointer",
     "MetricsWriter",
     "MiB",
+    "Programs",
     "Run",
     "Split",
     "TrainConfig",
@@ -113,6 +116,7 @@ __all__ = (
     "stats_row",
     "summarise",
     "table",
+    "timed_step",
     "train_one",
     "unsupported",
     "uses_asi",

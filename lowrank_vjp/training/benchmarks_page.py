@@ -93,8 +93,9 @@ def _memory_findings(result) -> list[str]:
 
   Which cells have a negative XLA saving, and whether the frozen prefix sets
   the whole-network figure: per model and k, the prefix's share is vanilla's
-  whole-network temp less its tail temp; it sets the figure when it exceeds
-  every method's tail saving in that table.
+  whole-network peak less its tail peak; it sets the figure when it exceeds
+  every method's tail saving in that table. All figures are XLA's estimated
+  peaks (argument + output + temp − alias) of identically donated steps.
   """
   tables = defaultdict(dict)
   for c in result["cells"]:
@@ -106,23 +107,23 @@ def _memory_findings(result) -> list[str]:
   for (model, k), cells in tables.items():
     name = f"{MODEL_NAMES.get(model, model)} k = {k}"
     base = cells.get("vanilla")
-    if base is None or base.get("xla_tail_temp_mib") is None:
+    if base is None or base.get("xla_tail_peak_mib") is None:
       continue
     best = None
     for m, c in cells.items():
-      if m == "vanilla" or c.get("xla_tail_temp_mib") is None:
+      if m == "vanilla" or c.get("xla_tail_peak_mib") is None:
         continue
-      saving = base["xla_tail_temp_mib"] - c["xla_tail_temp_mib"]
+      saving = base["xla_tail_peak_mib"] - c["xla_tail_peak_mib"]
       if saving < 0:
         negative[m].append(name)
       savings.append((saving, m, name))
       best = saving if best is None else max(best, saving)
-      if (c.get("xla_whole_temp_mib") is not None
-          and base.get("xla_whole_temp_mib") is not None):
-        moves.append((abs(c["xla_whole_temp_mib"]
-                          - base["xla_whole_temp_mib"]), m, name))
-    if base.get("xla_whole_temp_mib") is not None:
-      share = base["xla_whole_temp_mib"] - base["xla_tail_temp_mib"]
+      if (c.get("xla_whole_peak_mib") is not None
+          and base.get("xla_whole_peak_mib") is not None):
+        moves.append((abs(c["xla_whole_peak_mib"]
+                          - base["xla_whole_peak_mib"]), m, name))
+    if base.get("xla_whole_peak_mib") is not None:
+      share = base["xla_whole_peak_mib"] - base["xla_tail_peak_mib"]
       shares.append(share)
       if best is not None and best >= share:
         below.append(name)
@@ -135,7 +136,7 @@ def _memory_findings(result) -> list[str]:
   if shares and savings:
     best, bm, bname = max(savings)
     text = (f"For vanilla the whole-network step held {min(shares):.0f}–"
-            f"{max(shares):.0f} MiB more temp than the tail step (the frozen "
+            f"{max(shares):.0f} MiB higher peak than the tail step (the frozen "
             f"prefix's share, per model and k); the largest tail saving of "
             f"any method is {best:.1f} MiB ({bm}, {bname})")
     if moves:
@@ -171,17 +172,19 @@ def memory_section(result) -> list[str]:
       "B at the ranks ε needed, peak and mean over the steps (MiB);",
       "- **capacity**: what our static shapes hold, at the capacities the "
       "rank controller ended with (MiB);",
-      "- **XLA tail**: temp bytes of the compiled training step of the "
-      "trained part alone (input: the cached features), and its saving "
-      "against vanilla's;",
-      "- **XLA whole**: temp bytes of the compiled step of the whole "
-      "network from the images.", "",
-      "XLA's temp bytes are the peak of all live buffers, so they include "
+      "- **XLA tail**: XLA's estimated peak (argument + output + temp − "
+      "alias) of the compiled training step of the trained part alone "
+      "(input: the cached features), and its saving against vanilla's;",
+      "- **XLA whole**: the estimated peak of the compiled step of the "
+      "whole network from the images.", "",
+      "Every step is compiled as train.py runs it: state donated, at the "
+      "capacities the rank controller ended with. (Temp bytes alone are not "
+      "comparable: donation moves bytes between temp and output buffers.) "
+      "The peak includes the parameters, optimizer state and batch, and "
       "transient working memory (the frozen layers' outputs, the backward's "
-      "gradients, a method's own workspace), not only the saved residuals. "
-      "The saving column is therefore what a compiled step really gains; a "
-      "negative saving means that method's compiled step held more temp "
-      "bytes than vanilla's. " + " ".join(_memory_findings(result)), ""]
+      "gradients, a method's own workspace), not only the saved residuals; "
+      "a negative saving means that method's compiled step peaked higher "
+      "than vanilla's. " + " ".join(_memory_findings(result)), ""]
   by_model = defaultdict(list)
   for c in result["cells"]:
     by_model[c["model"]].append(c)
@@ -190,10 +193,10 @@ def memory_section(result) -> list[str]:
            else "random initialisation (no offline weights)")
     lines += [f"### {MODEL_NAMES.get(model, model)} ({pre})", "",
               "| k | method | paper MB | peak MiB | mean MiB | ours/paper "
-              "| capacity MiB | XLA tail temp MiB | XLA saving MiB | "
-              "XLA whole temp MiB |",
+              "| capacity MiB | XLA tail peak MiB | XLA saving MiB | "
+              "XLA whole peak MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    vanilla_tail = {c["k"]: c.get("xla_tail_temp_mib") for c in cells
+    vanilla_tail = {c["k"]: c.get("xla_tail_peak_mib") for c in cells
                     if c["method"] == "vanilla"}
     for c in cells:
       paper = PAPER.get((model, c["k"]), {}).get(c["method"], (None, None))[0]
@@ -204,13 +207,13 @@ def memory_section(result) -> list[str]:
       ratio = (None if paper is None
                else c["analytic_peak_mib"] / paper)
       base = vanilla_tail.get(c["k"])
-      saving = None if base is None else base - c["xla_tail_temp_mib"]
+      saving = None if base is None else base - c["xla_tail_peak_mib"]
       lines.append(
           f"| {c['k']} | {c['method']} | {_f(paper)} | "
           f"{_f(c['analytic_peak_mib'])} | {_f(c['analytic_mean_mib'])} | "
           f"{_f(ratio)} | {_f(c['capacity_mib'])} | "
-          f"{_f(c['xla_tail_temp_mib'])} | {_f(saving)} | "
-          f"{_f(c['xla_whole_temp_mib'], 1)} |")
+          f"{_f(c['xla_tail_peak_mib'])} | {_f(saving)} | "
+          f"{_f(c['xla_whole_peak_mib'], 1)} |")
     lines.append("")
   return lines
 
@@ -526,6 +529,11 @@ versions and date it was measured on. It sets our measurements beside the
 HOSVD paper's (L.-T. Nguyen, A. Quélennec, E. Tartaglione, S. Tardieu and
 V.-T. Nguyen, "Activation Map Compression through Tensor Decomposition for
 Deep Learning", NeurIPS 2024; figures from its poster table).
+
+The peak of a whole training step and the largest batch that fits, per
+method, are on their own generated page:
+[benchmarks/peak_memory.md](benchmarks/peak_memory.md)
+(`python experiments/peak_memory.py`).
 
 Where our setting differs from the paper's:
 

@@ -350,7 +350,10 @@ def step_memory(net: CutNet, run: Run, features_shape: Sequence[int],
       jax.ShapeDtypeStruct(tuple(features_shape), jnp.float32), labels,
       capacities=caps)
   s = net.image_size
-  whole_fn = make_train_step(net.model, run.plan, run.tx, 0, s)
+  # Built as the run's step was (donated; a no-op on overflow under a
+  # controller), so that the two figures compare like with like.
+  whole_fn = make_train_step(net.model, run.plan, run.tx, 0, s,
+                             redo_on_overflow=run.controller is not None)
   images = jax.ShapeDtypeStruct((labels.shape[0], s, s, 3), jnp.uint8)
   whole = lv.measure.xla_memory(whole_fn, run.state, run.frozen, images,
                                 labels, capacities=caps)

@@ -24,12 +24,13 @@ import lowrank_vjp.rules as lvr
 from lowrank_vjp.training import evaluation as evaluate_lib
 from lowrank_vjp.training import methods
 from lowrank_vjp.training import metrics as metrics_lib
+from lowrank_vjp.training import programs as programs_lib
 from lowrank_vjp.training import report as report_lib
 from lowrank_vjp.training import step as step_lib
 from lowrank_vjp.training.checkpoint import Checkpointer
 from lowrank_vjp.training.config import TrainConfig
 from lowrank_vjp.training.data import Split
-from lowrank_vjp.training.loop import make_controller, run_step
+from lowrank_vjp.training.loop import make_controller, timed_step
 from lowrank_vjp.training.model import build_model, make_rules
 from lowrank_vjp.training.optim import make_optimizer
 
@@ -98,17 +99,14 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   controller = (make_controller(plan, patience=config.rank_patience,
                                 headroom=config.rank_headroom)
                 if config.rank_control == "redo" else None)
-  train_step = step_lib.make_train_step(model, plan, tx, config.seed,
-                                        config.image_size,
-                                        donate=controller is None)
+  train_step = step_lib.make_train_step(
+      model, plan, tx, config.seed, config.image_size,
+      redo_on_overflow=controller is not None)
   ckpt.restore_controller(controller, start)
   batch = lambda step: train.get(train.batch_indices(
       step, config.batch_size, config.seed), config.image_size)
   images, labels = batch(0)
-  t1 = time.perf_counter()
-  compiled = train_step.lower(state, frozen, images, labels).compile()
-  compile_time = time.perf_counter() - t1
-  xla = report_lib.compiled_memory(compiled)
+  compiled = programs_lib.Programs(train_step, state, frozen, images, labels)
 
   log(f"[{label}] {config.model}, {len(plan.trainable)} trained layers "
       f"({len(plan.compressed)} through lowrank_vjp), batch {shape}:\n"
@@ -119,16 +117,14 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   with metrics_lib.MetricsWriter(metrics_path) as writer:
     for step in range(start, stop):
       images, labels = batch(step)
-      t = time.perf_counter()
-      state, metrics = run_step(compiled if controller is None else
-                                train_step, controller, state, frozen, images,
-                                labels)
-      dt = time.perf_counter() - t
+      state, metrics, dt, compile_s = timed_step(
+          compiled, controller, state, frozen, images, labels)
       loss = metrics_lib.check_finite(float(metrics["loss"]),
                                       f"at step {step} [{label}]")
       row = {"step": step + 1, "loss": loss,
              "train_accuracy": float(metrics["accuracy"]),
-             "step_time_s": dt, **metrics_lib.stats_row(metrics["stats"])}
+             "step_time_s": dt, "compile_time_s": compile_s,
+             **metrics_lib.stats_row(metrics["stats"])}
       rows.append(row)
       writer.write(row)
       ckpt.save(step + 1, state, controller=controller)
@@ -155,12 +151,12 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
       image_size=config.image_size, examples=config.eval_examples,
       batch_size=config.eval_batch_size)
   eval_time = time.perf_counter() - t2
-  report = report_lib.make_report(config, label, settings, plan, rows, xla,
-                                  accuracy, weights, compile_time, eval_time,
+  report = report_lib.make_report(config, label, settings, plan, rows,
+                                  compiled, accuracy, weights, eval_time,
                                   setup_time, num_classes)
   if controller is not None:
     rc = report["rank_control"] = report_lib.rank_control_report(
-        controller, train_step, rows)
+        controller, compiled, rows)
     log(f"[{label}] rank control: {rc['compiles']} compiles, "
         f"{controller.redos} redone steps, residual "
         f"{rc['residual_mib_mean']:.3f} MiB vs eps-optimal "

@@ -3,8 +3,9 @@ fit over given batches.
 
 With HOSVD or SVD under ``jax.jit`` each layer holds a static capacity; a
 :class:`lowrank_vjp.RankController` moves it with the ranks ε needs. When a
-step needed more than its capacity, :func:`run_step` recomputes it from the
-same state at the grown capacity (so the step must not donate its state).
+step needed more than its capacity, the step returned its state unchanged
+(``redo_on_overflow``) and :func:`run_step` recomputes it at the grown
+capacity, so the state stays donated whether a controller runs or not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import lowrank_vjp as lv
 import lowrank_vjp.rules as lvr
 from lowrank_vjp.training import methods
 from lowrank_vjp.training import metrics as metrics_lib
+from lowrank_vjp.training import programs as programs_lib
 from lowrank_vjp.training import step as step_lib
 from lowrank_vjp.training.config import TrainConfig
 from lowrank_vjp.training.optim import make_optimizer
@@ -49,13 +51,15 @@ def run_step(train_step, controller: lv.RankController | None, state,
   """One training step; ``(state, metrics)`` with concrete metrics.
 
   With a :class:`lowrank_vjp.RankController`, the step runs at
-  ``controller.key()`` and is recomputed from the same ``state`` (so
-  ``train_step`` must not donate it) while the controller reports that some
-  layer needed more than its capacity, at most ``max_tries`` times.
+  ``controller.key()``; while some layer needed more than its capacity the
+  step (built with ``redo_on_overflow=True``, so that it returned its input
+  state unchanged, donated or not) is recomputed at the grown capacity, at
+  most ``max_tries`` times.
 
   Args:
-    train_step: From :func:`~lowrank_vjp.training.make_train_step` (or its
-      compiled form, when ``controller`` is None).
+    train_step: ``capacities -> compiled step``, e.g. a
+      :class:`~lowrank_vjp.training.Programs`; or the jitted step of
+      :func:`~lowrank_vjp.training.make_train_step` itself.
     controller: The rank controller, or None.
     state: The training state.
     frozen: The frozen variables.
@@ -65,17 +69,55 @@ def run_step(train_step, controller: lv.RankController | None, state,
 
   Returns:
     The new state and the step's metrics on the host.
+
+  Raises:
+    RuntimeError: when the step still overflowed after ``max_tries`` tries.
   """
-  if controller is None:
-    state, metrics = train_step(state, frozen, images, labels)
-    return state, jax.device_get(metrics)
+  key = None if controller is None else controller.key()
   for _ in range(max_tries):
-    new_state, metrics = train_step(state, frozen, images, labels,
-                                    capacities=controller.key())
+    state, metrics = _call(train_step, key, state, frozen, images, labels)
     metrics = jax.device_get(metrics)
-    if not controller.observe(metrics["stats"]):
-      break
-  return new_state, metrics
+    if controller is None:
+      return state, metrics
+    if "redo" not in metrics:
+      raise ValueError(
+          "run_step: with a rank controller the step must be built with "
+          "make_train_step(..., redo_on_overflow=True), so that an "
+          "overflowing step leaves its (donated) state unchanged.")
+    controller.observe(metrics["stats"])
+    if not bool(metrics["redo"]):
+      return state, metrics
+    key = controller.key()
+  raise RuntimeError(
+      f"run_step: the step still needed more than its rank capacity after "
+      f"{max_tries} tries; the state was left unchanged.")
+
+
+def timed_step(programs: programs_lib.Programs, controller, state, frozen,
+               images, labels):
+  """:func:`run_step`, timed without the compilations it needed.
+
+  Returns:
+    ``(state, metrics, step seconds, compile seconds)``: the step's wall
+    time less any compilation (a new capacity setting, or a redo at one),
+    and that compilation's time.
+  """
+  programs(None if controller is None else controller.key())
+  before = programs.compile_time
+  t = time.perf_counter()
+  state, metrics = run_step(programs, controller, state, frozen, images,
+                            labels)
+  compile_s = programs.compile_time - before
+  return state, metrics, time.perf_counter() - t - compile_s, compile_s
+
+
+def _call(train_step, key, *args):
+  if isinstance(train_step, programs_lib.Programs):
+    train_step.count(key)
+    return train_step(key)(*args)
+  if hasattr(train_step, "lower"):  # the jitted step: capacities static
+    return train_step(*args, capacities=key)
+  return train_step(*args)  # a compiled program (its capacities are fixed)
 
 
 @dataclasses.dataclass
@@ -92,6 +134,8 @@ class Run:
     step_fn: The jitted training step.
     tx: The optimizer.
     cached: Whether the inputs were cached features.
+    programs: The compiled programs that ran (compile time and XLA memory
+      per capacity setting).
   """
 
   plan: lvr.Plan
@@ -102,6 +146,7 @@ class Run:
   step_fn: Any
   tx: Any
   cached: bool
+  programs: programs_lib.Programs | None = None
 
   def capacities(self):
     """The controller's last capacities (``capacities=`` of the step)."""
@@ -140,14 +185,16 @@ def fit(model, plan: lvr.Plan, variables, batches: Sequence[tuple],
   controller = make_controller(plan, patience=config.rank_patience,
                                headroom=config.rank_headroom)
   step_fn = step_lib.make_train_step(model, plan, tx, seed, image_size,
-                                     donate=controller is None)
+                                     redo_on_overflow=controller is not None)
+  first_x, first_labels = batches[0]
+  compiled = programs_lib.Programs(step_fn, state, frozen, first_x,
+                                   first_labels)
   rows = []
   for x, labels in batches:
-    t = time.perf_counter()
-    state, metrics = run_step(step_fn, controller, state, frozen, x, labels)
-    dt = time.perf_counter() - t
+    state, metrics, dt, compile_s = timed_step(compiled, controller, state,
+                                               frozen, x, labels)
     loss = metrics_lib.check_finite(float(metrics["loss"]))
-    rows.append({"loss": loss, "step_time_s": dt,
+    rows.append({"loss": loss, "step_time_s": dt, "compile_time_s": compile_s,
                  **metrics_lib.stats_row(metrics["stats"])})
   return Run(plan, state, frozen, rows, controller, step_fn, tx,
-             image_size is None)
+             image_size is None, compiled)

@@ -66,7 +66,8 @@ def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
 
 
 def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
-                    seed: int, image_size: int | None, donate: bool = True):
+                    seed: int, image_size: int | None, donate: bool = True,
+                    redo_on_overflow: bool = False):
   """``train_step(state, frozen, images, labels, capacities) -> (state, m)``.
 
   The loss is the mean softmax cross-entropy of the logits against integer
@@ -84,11 +85,16 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     image_size: Side of the images for :func:`lowrank_vjp.models.preprocess`;
       None feeds the inputs to ``model.apply`` as they are (cached
       features).
-    donate: Donate the state (not when a rank controller may recompute a
-      step from it).
+    donate: Donate the state.
+    redo_on_overflow: Return the input state unchanged when some layer
+      needed more than its capacity (``m["overflow"]``), so that a rank
+      controller can recompute the step from it at a grown capacity while
+      the state stays donated (:func:`~lowrank_vjp.training.run_step`).
 
   Returns:
-    The jitted step. ``state`` (see the module docstring) is donated unless
+    The jitted step; ``m`` also holds ``"overflow"`` (``bool[]``: some layer
+    kept less than ε) and, with ``redo_on_overflow``, ``"redo"`` (the same
+    flag: the returned state is the input state). ``state`` (see the module docstring) is donated unless
     ``donate`` is False; ``frozen`` holds the variables that are not
     differentiated. ``capacities`` (static: one compile per distinct value)
     is a :meth:`lowrank_vjp.RankController.key`, or None for the configured
@@ -130,21 +136,42 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     (loss, (logits, batch_stats, asi_state, compression)), grads = grad_fn(
         state["params"], state["batch_stats"], state.get("asi_state", {}),
         frozen, x, labels, key, capacities)
-    updates, opt_state = tx.update(grads, state["opt_state"],
-                                   state["params"])
-    new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": batch_stats,
-        "opt_state": opt_state,
-    }
-    if "asi_state" in state:
-      new_state["asi_state"] = asi_state
+    stats = lvf.collect_stats({"compression": compression})
+    overflow = jnp.zeros((), bool)
+    for s in stats.values():
+      overflow = overflow | jnp.any(s.overflow)
+
+    def updated(state):
+      updates, opt_state = tx.update(grads, state["opt_state"],
+                                     state["params"])
+      new = {
+          "step": state["step"] + 1,
+          "params": optax.apply_updates(state["params"], updates),
+          "batch_stats": batch_stats,
+          "opt_state": opt_state,
+      }
+      if "asi_state" in state:
+        new["asi_state"] = asi_state
+      return new
+
+    if redo_on_overflow:
+      # A no-op step, to be redone at a grown capacity. A conditional, not a
+      # select: with a select XLA kept a copy of the momentum (36 MiB for a
+      # whole ResNet34 step training its last four convolutions) to feed
+      # both the select and the parameter update. Where the update is the
+      # step's peak XLA still copies the state once (docs/memory.md).
+      keep = lambda state: {k: state[k] for k in updated(state)}
+      new_state = jax.lax.cond(overflow, keep, updated, state)
+    else:
+      new_state = updated(state)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "stats": lvf.collect_stats({"compression": compression}),
+        "stats": stats,
+        "overflow": overflow,
     }
+    if redo_on_overflow:
+      metrics["redo"] = overflow  # the state came back unchanged
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else (),

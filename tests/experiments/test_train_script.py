@@ -53,6 +53,13 @@ def test_two_steps_end_to_end(train, tmp_path, data_dir, capsys):
     assert [r["step"] for r in rows] == [1, 2]
     assert set(rows[0]["ranks"]) == set(report["layers"])
   vanilla, hosvd = reports
+  # Both measured on the programs that ran: donated, the rank-controlled
+  # one at the capacities it ran at; compile time apart from step time.
+  for report in reports:
+    assert report["xla_alias_mib"] > 0 and report["xla_programs"] >= 1
+    assert report["xla_peak_max_mib"] >= report["xla_peak_mib"] > 0
+    assert report["compile_time_s"] > 0
+  assert hosvd["rank_control"]["compiles"] == hosvd["xla_programs"]
   assert (hosvd["activation_memory_analytic_peak_mib"]
           < vanilla["activation_memory_analytic_peak_mib"])
   assert vanilla["activation_memory_analytic_peak_mib"] == pytest.approx(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 import lowrank_vjp as lv
+import lowrank_vjp.flax as lvf
 from lowrank_vjp._src.layers import activations
 
 PAIRS = [(lv.relu, jax.nn.relu), (lv.relu6, jax.nn.relu6)]
@@ -243,3 +245,31 @@ def test_nan_in_gives_nan_out_and_infinite_slopes_have_their_limits(fn, bits):
 def test_bits_must_be_an_int(fn, bits):
   with pytest.raises(ValueError, match="bits"):
     fn(jnp.ones(3), bits=bits)
+
+
+def test_residual_stream_of_relu_blocks_is_computed_once():
+  """lv.relu's output is one buffer that every consumer reads.
+
+  Before, XLA recomputed the stream ``x = relu(x + conv(relu(conv(x))))`` in
+  each consumer from the raw convolution outputs of all earlier blocks and
+  kept those alive: 6.49 x one activation of temp here, 4.50 after.
+  """
+  class Chain(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      conv = lvf.conv_cls("hosvd", eps=0.9)
+      for _ in range(3):
+        h = lv.relu(nn.Conv(16, (3, 3), conv_general_dilated_cls=conv)(x))
+        x = lv.relu(x + nn.Conv(16, (3, 3), conv_general_dilated_cls=conv)(h))
+      return x
+
+  model, x = Chain(), jnp.zeros((32, 24, 24, 16))
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss(params, x):
+    y, _ = model.apply({"params": params}, x, mutable=["compression"])
+    return jnp.sum(y * y)
+
+  temp = lv.measure.xla_memory(jax.grad(loss), params, x).temp_bytes
+  assert temp < 5.5 * x.size * 4, temp / (x.size * 4)

@@ -73,7 +73,21 @@ def test_compression_fits_a_larger_batch():
   assert quant.batch > vanilla.batch
 
 
+def test_a_tolerance_stops_the_bisection_early_on_a_fitting_batch():
+  budget = (_peak("none", 29) + _peak("none", 30)) // 2
+  exact = lv.measure.max_batch(lambda b: _make_step("none", b), budget,
+                               limit=40)
+  rough = lv.measure.max_batch(lambda b: _make_step("none", b), budget,
+                               limit=40, tolerance=0.25)
+  assert exact.batch == 29
+  assert rough.peak_bytes == rough.tried[rough.batch] <= budget  # it fits
+  assert 29 / 1.25 <= rough.batch <= 29
+  assert len(rough.tried) < len(exact.tried)
+
+
 @pytest.mark.parametrize("kwargs", [dict(budget_bytes=0),
+                                    dict(budget_bytes=10, tolerance=1.0),
+                                    dict(budget_bytes=10, tolerance=-0.1),
                                     dict(budget_bytes=10, start=0),
                                     dict(budget_bytes=10, start=5, limit=4),
                                     dict(budget_bytes=1.5)])

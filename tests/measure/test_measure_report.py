@@ -222,10 +222,12 @@ def test_xla_temp_bytes_per_block_match_formula(name):
   (_, build, formula), = [c for c in mb.cases(0.9) if c[0] == name]
   xla, jaxpr, _ = mb.per_block(build, SHAPE, (4, 8))
   expect = formula(SHAPE)
-  # HOSVD scales the activation by a division (one transient copy instead
-  # of one per mode Gram, see docs/memory.md); with it XLA keeps ~16% more
-  # per block than the residual (8800 vs 7424 B here; 0.116 vs 0.100 of the
-  # activation in experiments/memory_stack.py). A documented trade-off.
-  high = 1.2 if name.startswith("hosvd") else 1.12
+  # HOSVD keeps more per block than its residual at this tiny shape (10000
+  # vs 7424 B; 0.134 vs 0.100 of the activation at 64x14x14x96 in
+  # experiments/memory_stack.py): the scaling division's copy (8800 B
+  # before), then lv.relu's materialized output (~860 B of the rest), which
+  # cut the whole-step peak of a 9-block CNN by 1.7x (docs/memory.md). A
+  # documented trade-off.
+  high = 1.4 if name.startswith("hosvd") else 1.12
   assert 0.85 * expect <= xla <= high * expect, (xla, expect)
   assert abs(jaxpr - expect) <= 0.02 * expect + 64, (jaxpr, expect)

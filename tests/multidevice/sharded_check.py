@@ -15,6 +15,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lowrank_vjp as lv
+from lowrank_vjp._src.ops import conv_tucker
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -123,6 +124,21 @@ def per_shard_semantics(x, w, loss):
       out[f"user_shard_map/{name}"] = dict(dw_err=rel(got, want))
     except Exception as e:  # pylint: disable=broad-except
       out[f"user_shard_map/{name}"] = dict(error=f"{type(e).__name__}: {e}")
+  # The conv path's weight gradient summed over batch-rank slabs (forced):
+  # the scan's carry must have the slabs' varying type.
+  conv = lv.compressed_conv(method=lv.methods.Hosvd(eps=1.0, rank_fraction=1.0))
+  want = _per_shard_reference(conv, loss, w, x)
+  slab_fraction = conv_tucker._SLAB_FRACTION  # pylint: disable=protected-access
+  conv_tucker._SLAB_FRACTION = 1 << 30  # pylint: disable=protected-access
+  try:
+    local = lambda w, x: jax.grad(loss(conv))(w, x)
+    user = jax.jit(jax.shard_map(local, mesh=explicit,
+                                 in_specs=(P(), P("data")), out_specs=P()))
+    out["user_shard_map/slabs"] = dict(dw_err=rel(user(ws, xs), want))
+  except Exception as e:  # pylint: disable=broad-except
+    out["user_shard_map/slabs"] = dict(error=f"{type(e).__name__}: {e}")
+  finally:
+    conv_tucker._SLAB_FRACTION = slab_fraction  # pylint: disable=protected-access
   return out
 
 

@@ -10,7 +10,10 @@ residual.
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conv_cases import (
@@ -199,3 +202,56 @@ def test_method_apply_backward_is_the_reference_at_its_residual(name, method):
   assert rel_err(rebuilt, x) > 1e-2 or case.n == 1  # ε < 1 truncated
   assert rel_err(dx, ref_dx) <= 1e-6
   assert rel_err(dw, ref_dw) <= TOL["float32"], rel_err(dw, ref_dw)
+
+
+def _nhwc_spec_and_residual(n=32, size=24, channels=16):
+  x = jax.ShapeDtypeStruct((n, size, size, channels), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, channels, channels), jnp.float32)
+  spec = conv_lib.conv_spec(x, w, window_strides=(1, 1), padding="SAME",
+                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  method = lv.methods.resolve("hosvd", eps=0.9)
+  return spec, x, method.capacity(x.shape, spec.batch_axis)
+
+
+@pytest.mark.parametrize("path,limit", [("weight_grad_conv", 2.5),
+                                        ("weight_grad_tucker", 3.0)])
+def test_weight_grad_makes_no_transposed_copy_of_g(path, limit):
+  """Both paths read g in its own layout (and the conv path by slabs).
+
+  Before: g transposed to put its batch axis last or first, and the partly
+  rebuilt input whole; 4.0 x g's bytes of temp on both paths here.
+  """
+  spec, x, capacity = _nhwc_spec_and_residual()
+  fn = getattr(conv_tucker, path)
+
+  def run(x, g):
+    res, _ = hosvd.tucker_compress(x, capacity, 0.9, "hosvd")
+    return fn(spec, res, g)
+
+  temp = lv.measure.xla_memory(run, x, x).temp_bytes
+  assert temp < limit * math.prod(x.shape) * 4, temp / (math.prod(x.shape) * 4)
+
+
+def test_batch_rank_slabs_sum_to_the_whole(monkeypatch):
+  case = GRID_BY_NAME["stride2_valid"]
+  x, w = case.operands("float32", seed=3)
+  spec, g = _spec_and_cotangent(case, x, w)
+  m = lv.methods.resolve("hosvd", eps=1.0, rank_fraction=1.0)
+  res, _ = hosvd.tucker_compress(x, m.capacity(x.shape, spec.batch_axis),
+                                 1.0, "hosvd")
+  monkeypatch.setattr(conv_tucker, "_SLAB_FRACTION", 1 << 30)  # many slabs
+  rank = res.core.shape[spec.batch_axis]
+  assert conv_tucker.batch_rank_slabs(rank, 1, 1) > 1
+  sliced = conv_tucker.weight_grad_conv(spec, res, g)
+  monkeypatch.setattr(conv_tucker, "_SLAB_FRACTION", 1)        # one slab
+  whole = conv_tucker.weight_grad_conv(spec, res, g)
+  ref = spec.weight_grad(x, g)
+  assert rel_err(sliced, whole) <= 1e-5
+  assert rel_err(sliced, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("rank,per_rank,out,want", [
+    (32, 100, 32 * 100 * 8, 1), (32, 100, 32 * 100, 8), (32, 100, 3200 * 4, 2),
+    (7, 100, 10, 7), (64, 100, 10, 16)])
+def test_batch_rank_slab_count(rank, per_rank, out, want):
+  assert conv_tucker.batch_rank_slabs(rank, per_rank, out) == want

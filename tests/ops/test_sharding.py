@@ -75,3 +75,9 @@ def test_inside_a_users_shard_map_with_a_replicated_weight(report, method):
   r = report[f"user_shard_map/{method}"]
   assert "error" not in r, r
   assert r["dw_err"] < 1e-5
+
+
+def test_weight_grad_slabs_inside_a_users_shard_map(report):
+  r = report["user_shard_map/slabs"]
+  assert "error" not in r, r
+  assert r["dw_err"] < 1e-5

@@ -388,3 +388,25 @@ def test_scaled_activation_is_held_once():
   hosvd = temp(lv.compressed_conv(method="hosvd", eps=0.9,
                                   on_overflow="ignore"))
   assert hosvd <= vanilla + 1.25 * activation, (hosvd, vanilla, activation)
+
+
+def test_middle_axis_gram_is_summed_over_slabs():
+  """A middle-axis Gram with I > Q transposes x one slab at a time.
+
+  As one contraction over (P, Q), XLA held two transposed copies of x
+  (temp = 2.0 x its bytes for this shape); over 16 slabs, one slab's.
+  """
+  x = jax.ShapeDtypeStruct((64, 24, 24, 16), jnp.float32)
+  nbytes = math.prod(x.shape) * 4
+  m = lv.measure.xla_memory(lambda x: hosvd_lib.mode_gram(x, 2), x)
+  assert m.temp_bytes < 0.5 * nbytes, m.temp_bytes / nbytes
+  xs = _random((32, 24, 5), decay=False).astype(np.float32)
+  a = _unfold(xs, 1)
+  np.testing.assert_allclose(hosvd_lib.mode_gram(jnp.asarray(xs), 1),
+                             a @ a.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("p,want", [(64 * 24, 16), (17, 17), (1000, 20),
+                                    (257, 1), (7, 1)])
+def test_gram_slab_count(p, want):
+  assert hosvd_lib._gram_chunks(p) == want  # pylint: disable=protected-access

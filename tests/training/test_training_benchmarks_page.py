@@ -52,8 +52,8 @@ def _memory(tail, whole):
   """One MobileNetV2 k = 2 table: method -> (tail MiB, whole MiB)."""
   cells = [dict(model="mobilenet_v2", k=2, method=m, pretrained=True,
                 analytic_peak_mib=1.0, analytic_mean_mib=1.0,
-                capacity_mib=1.0, xla_tail_temp_mib=tail[m],
-                xla_whole_temp_mib=whole[m]) for m in tail]
+                capacity_mib=1.0, xla_tail_peak_mib=tail[m],
+                xla_whole_peak_mib=whole[m]) for m in tail]
   return _result(setting=dict(batch=4, image_size=32, steps=2,
                               dataset="d"), cells=cells)
 
@@ -82,7 +82,7 @@ def test_the_prefix_sets_the_whole_figure_only_when_its_share_is_larger(
       {"vanilla": 30.0, "SVD ε=0.9": 5.0},
       {"vanilla": vanilla_whole, "SVD ε=0.9": vanilla_whole - 1.0})))
   share = vanilla_whole - 30.0
-  assert f"held {share:.0f}–{share:.0f} MiB more temp" in text
+  assert f"held {share:.0f}–{share:.0f} MiB higher peak" in text
   assert "largest tail saving of any method is 25.0 MiB" in text
   assert ("the frozen prefix, not the trained layers, sets the "
           "whole-network figure" in text) == prefix_sets_it

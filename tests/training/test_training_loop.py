@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,24 +20,61 @@ def test_a_controller_only_for_eps_ranks(tiny, name, controlled):
   assert (controller is not None) is controlled
 
 
-def test_run_step_redoes_an_overflowing_step(tiny):
-  # A tiny capacity that eps = 0.999 overflows: the controller grows it and
-  # the step is recomputed from the same state.
+def _overflowing(tiny):
+  # A tiny capacity that eps = 0.999 overflows.
   settings = training.method_settings(
       "hosvd", eps=0.999, method_kwargs={"rank_fraction": 0.1})
   plan = tiny.plan(settings)
   trained, frozen = plan.split(tiny.variables)
   tx = training.make_optimizer(CONFIG)
-  state = training.initial_state(trained, tx)
+  fresh = lambda: training.initial_state(jax.tree.map(jnp.copy, trained), tx)
+  return plan, frozen, tx, fresh
+
+
+def test_an_overflowing_step_returns_its_state_unchanged(tiny):
+  plan, frozen, tx, fresh = _overflowing(tiny)
+  step = training.make_train_step(tiny.model, plan, tx, 0, None,
+                                  donate=False, redo_on_overflow=True)
+  state = fresh()
+  new, metrics = step(state, frozen, tiny.x, tiny.labels)
+  assert bool(metrics["overflow"])
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  assert bool(metrics["redo"])
+  plain = training.make_train_step(tiny.model, plan, tx, 0, None,
+                                   donate=False)
+  applied, metrics = plain(state, frozen, tiny.x, tiny.labels)
+  assert bool(metrics["overflow"]) and int(applied["step"]) == 1
+  assert "redo" not in metrics
+  # A controller needs the redo-capable step.
+  controller = training.make_controller(plan, patience=10, headroom=1.0)
+  with pytest.raises(ValueError, match="redo_on_overflow=True"):
+    training.run_step(plain, controller, state, frozen, tiny.x, tiny.labels)
+
+
+def test_run_step_redoes_an_overflowing_step_with_the_state_donated(tiny):
+  # The controller grows the capacity and the step is recomputed from the
+  # unchanged (donated, returned) state.
+  plan, frozen, tx, fresh = _overflowing(tiny)
   controller = training.make_controller(plan, patience=10, headroom=1.0)
   step = training.make_train_step(tiny.model, plan, tx, 0, None,
-                                  donate=False)
-  new, metrics = training.run_step(step, controller, state, frozen, tiny.x,
-                                   tiny.labels)
-  assert controller.redos >= 1
-  assert int(new["step"]) == 1 and int(state["step"]) == 0   # not donated
+                                  redo_on_overflow=True)
+  programs = training.Programs(step, fresh(), frozen, tiny.x, tiny.labels)
+  state = fresh()
+  new, metrics = training.run_step(programs, controller, state, frozen,
+                                   tiny.x, tiny.labels)
+  assert controller.redos >= 1 and len(programs) >= 2
+  assert state["step"].is_deleted()                          # donated
+  assert int(new["step"]) == 1                               # applied once
+  assert not bool(metrics["overflow"]) and not bool(metrics["redo"])
   assert not bool(np.any(np.asarray(metrics["stats"]["conv2"].overflow)))
   assert isinstance(metrics["loss"], np.ndarray)              # on the host
+  # The same as one step at the grown capacity from the initial state.
+  once, _ = programs(controller.key())(fresh(), frozen, tiny.x, tiny.labels)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(once)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Every program was compiled as it ran: donated.
+  assert all(m.alias_bytes > 0 for m in programs.memory.values())
 
 
 @pytest.mark.parametrize("name", ["vanilla", "hosvd", "asi"])

@@ -24,24 +24,34 @@ def test_make_report_fields(tiny):
   settings = training.method_settings("hosvd", eps=0.8)
   plan = tiny.plan(settings)
   config = training.TrainConfig(dataset="sklearn_digits", steps=3)
-  xla = lv.measure.XlaMemory(2**20, 2**20, 3 * 2**20, 0, "cpu")
+  programs = training.Programs(None)  # two settings, filled by hand
+  programs.memory = {
+      None: lv.measure.XlaMemory(2**20, 2**20, 5 * 2**20, 0, "cpu"),
+      "grown": lv.measure.XlaMemory(2**20, 2**20, 3 * 2**20, 0, "cpu")}
+  programs.compile_s = {None: 0.25, "grown": 0.75}
+  programs._compiled = dict.fromkeys(programs.memory)  # pylint: disable=protected-access
+  programs.steps.update({None: 1, "grown": 2})
   report = training.make_report(
-      config, "hosvd(eps=0.8)", settings, plan, _rows(plan), xla, 0.5, None,
-      1.0, 2.0, 3.0, 8)
+      config, "hosvd(eps=0.8)", settings, plan, _rows(plan), programs, 0.5,
+      None, 2.0, 3.0, 8)
   json.dumps(report)
   assert report["method"] == "hosvd" and report["settings"] == settings
   assert report["activation_memory_analytic_peak_mib"] == 3.0
   assert report["activation_memory_analytic_mean_mib"] == 2.0
   assert report["overflow_steps"] == 1 and report["final_loss"] == 0.0
+  # The program that ran the most steps; the largest peak and the compile
+  # time over all of them.
   assert report["xla_temp_mib"] == 3.0 and report["pretrained"] is False
+  assert report["xla_peak_mib"] == 5.0 and report["xla_peak_max_mib"] == 7.0
+  assert report["compile_time_s"] == 1.0 and report["xla_programs"] == 2
   assert report["step_time_median_s"] == pytest.approx(0.02)
   assert report["ranks"]["conv2"] == {"shape": [4, 6, 6, 8],
                                       "final": [3, 2, 3, 4],
                                       "max": [3, 2, 3, 4],
                                       "mean": [2.0, 2.0, 3.0, 4.0]}
   vanilla = training.make_report(
-      config, "vanilla", {"method": "none"}, plan, _rows(plan), xla, 0.5,
-      None, 1.0, 2.0, 3.0, 8)
+      config, "vanilla", {"method": "none"}, plan, _rows(plan), programs,
+      0.5, None, 2.0, 3.0, 8)
   assert vanilla["method"] == "vanilla"
 
 

@@ -31,7 +31,7 @@ def test_a_step_trains_only_the_plan(tiny, name):
   assert all(leaf.is_deleted() for leaf in
              jax.tree_util.tree_leaves(state["params"]))
   assert int(new["step"]) == 1
-  assert set(metrics) == {"loss", "accuracy", "stats"}
+  assert set(metrics) == {"loss", "accuracy", "stats", "overflow"}
   assert np.isfinite(float(metrics["loss"]))
   assert 0.0 <= float(metrics["accuracy"]) <= 1.0
   assert set(metrics["stats"]) == set(plan.compressed_paths) == {"conv2"}

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_vjp._src import remat
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.tensor import packing as packing
 
 
@@ -52,7 +54,11 @@ def relu(x: jax.typing.ArrayLike) -> jax.Array:
 
 
 def _relu_fwd(x):
-  return jnp.maximum(x, 0), _pack(x > 0)
+  # Materialized: see schedule.materialized (a residual stream of lv.relu
+  # blocks otherwise keeps every block's convolution output alive).
+  y, mask = schedule.materialized(
+      lambda v: (jnp.maximum(v, 0), _pack(v > 0)), x)
+  return y, remat.named(mask)
 
 
 def _relu_bwd(packed, g):
@@ -77,7 +83,9 @@ def relu6(x: jax.typing.ArrayLike) -> jax.Array:
 
 
 def _relu6_fwd(x):
-  return jnp.clip(x, 0, 6), _pack((x > 0) & (x < 6))
+  y, mask = schedule.materialized(
+      lambda v: (jnp.clip(v, 0, 6), _pack((v > 0) & (v < 6))), x)
+  return y, remat.named(mask)
 
 
 relu6.defvjp(_relu6_fwd, _relu_bwd)
@@ -167,7 +175,7 @@ def _coded(name: str, bits: int, x):
 def _coded_fwd(name, bits, x):
   fn = _FUNCTIONS[name]
   grid = "gelu" if name.startswith("gelu") else name
-  return fn(x), _encode_slope(grid, bits, _slope(fn, x))
+  return fn(x), remat.named(_encode_slope(grid, bits, _slope(fn, x)))
 
 
 def _coded_bwd(name, bits, words, g):

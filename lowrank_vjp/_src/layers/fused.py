@@ -22,7 +22,8 @@ from jax import lax
 
 from lowrank_vjp._src.methods import quant
 from lowrank_vjp._src.ops import conv as conv_spec_lib
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import remat
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.tensor import packing
 
 RANGE_SIGMAS = quant.RANGE_SIGMAS
@@ -106,7 +107,7 @@ def _block_fwd(bspec, u, rhs, scale, bias):
   else:
     codes = jnp.ceil(pos) - 1.0
   codes = jnp.clip(codes, 0, 2**bspec.bits - 1).astype(jnp.uint32)
-  words = packing.pack(codes, bspec.bits)
+  words, inv = remat.named((packing.pack(codes, bspec.bits), inv))
   y = schedule.tie(y, (words, inv))
   return (y, mean, var), (words, inv, rhs, scale, bias)
 

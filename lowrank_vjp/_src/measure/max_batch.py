@@ -27,7 +27,7 @@ class MaxBatch:
 
 def max_batch(make_step: Callable[[int], tuple[Callable, tuple]],
               budget_bytes: int, *, start: int = 1,
-              limit: int = 1 << 16) -> MaxBatch:
+              limit: int = 1 << 16, tolerance: float = 0.0) -> MaxBatch:
   """Largest batch size whose step's estimated peak fits ``budget_bytes``.
 
   Compile-only: each candidate step is lowered and compiled, never run, and
@@ -46,6 +46,9 @@ def max_batch(make_step: Callable[[int], tuple[Callable, tuple]],
     budget_bytes: The memory budget.
     start: The smallest batch tried.
     limit: The largest batch tried.
+    tolerance: Stop bisecting once the fitting and the failing batch are
+      within ``max(1, tolerance × fitting)`` of each other (0: exact), to
+      spend fewer compiles on large models; the result fits either way.
 
   Returns:
     A :class:`MaxBatch`.
@@ -69,6 +72,10 @@ def max_batch(make_step: Callable[[int], tuple[Callable, tuple]],
                        f"{value!r}.")
   if start > limit:
     raise ValueError(f"max_batch: start={start} is above limit={limit}.")
+  if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+      or not 0 <= tolerance < 1):
+    raise ValueError(f"max_batch: tolerance must be a number in [0, 1), got "
+                     f"{tolerance!r}.")
   tried: dict[int, int] = {}
 
   def peak(batch: int) -> int:
@@ -86,7 +93,7 @@ def max_batch(make_step: Callable[[int], tuple[Callable, tuple]],
       fits = candidate
     else:
       too_big = candidate
-  while too_big is not None and too_big - fits > 1:
+  while too_big is not None and too_big - fits > max(1, tolerance * fits):
     mid = (fits + too_big) // 2
     if peak(mid) <= budget_bytes:
       fits = mid

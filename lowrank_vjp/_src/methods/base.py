@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_vjp._src import stats as stats_lib
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.ops import vjp
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -135,7 +135,13 @@ class Method:
   def apply(self, op, lhs: jax.Array, rhs: jax.Array, state: Any = None
             ) -> tuple[jax.Array, stats_lib.CompressionStats, Any]:
     """``(y, stats, new_state)``: the op run through the compressed VJP."""
-    return vjp.compressed_apply(op, self, lhs, rhs, state)
+    y, stats, new_state = vjp.compressed_apply(op, self, lhs, rhs, state)
+    self.report(stats)
+    return y, stats, new_state
+
+  def report(self, stats: stats_lib.CompressionStats) -> None:
+    """Reacts to one call's statistics (traced); nothing by default."""
+    del stats
 
   def with_capacity(self, capacity: tuple[int | None, ...]) -> Method:
     """This method with per-axis rank capacities set (rank controller).

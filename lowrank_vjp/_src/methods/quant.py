@@ -31,7 +31,7 @@ from jax import lax
 
 from lowrank_vjp._src import stats as stats_lib
 from lowrank_vjp._src.methods import base
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.tensor import hosvd
 from lowrank_vjp._src.tensor import packing
 

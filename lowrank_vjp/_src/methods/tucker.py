@@ -19,7 +19,7 @@ import jax
 
 from lowrank_vjp._src import stats as stats_lib
 from lowrank_vjp._src.methods import base
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.tensor import capacity as capacity_lib
 from lowrank_vjp._src.tensor import hosvd
 from lowrank_vjp._src.tensor import tucker as tucker_lib
@@ -196,5 +196,7 @@ class EpsTuckerMethod(TuckerMethod):
   def compress_for(self, op, x, state):
     cap = self.capacity(x.shape, op.batch_axis)
     res, stats = hosvd.tucker_compress(x, cap, self.eps, self.label)
-    stats_lib.report_overflow(self.on_overflow, self.eps, stats)
     return res, stats, state
+
+  def report(self, stats):
+    stats_lib.report_overflow(self.on_overflow, self.eps, stats)

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import schedule
+from lowrank_vjp._src import vma
 
 
 def manual_axis_type(x):
@@ -54,18 +55,6 @@ def transpose(fn, primal: jax.ShapeDtypeStruct, ct) -> jax.Array:
   return vjp(ct)[0]
 
 
-def _varying(x) -> frozenset:
-  """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
-  try:
-    t = jax.typeof(x)
-  except Exception:  # pylint: disable=broad-except  # not an array
-    return frozenset()
-  vma = getattr(t, "vma", None)
-  if vma is None:
-    vma = getattr(getattr(t, "manual_axis_type", None), "varying", ())
-  return frozenset(vma or ())
-
-
 def match_varying(ct: jax.Array, manual) -> jax.Array:
   """``ct`` with the varying/invariant type of an operand of type ``manual``.
 
@@ -76,10 +65,10 @@ def match_varying(ct: jax.Array, manual) -> jax.Array:
   but ``ct`` does not are cast to varying.
   """
   want = frozenset(getattr(manual, "varying", ()) or ())
-  extra = tuple(sorted(_varying(ct) - want))
+  extra = tuple(sorted(vma.varying(ct) - want))
   if extra:
     ct = jax.lax.psum(ct, extra)
-  missing = tuple(sorted(want - _varying(ct)))
+  missing = tuple(sorted(want - vma.varying(ct)))
   if missing:
     ct = jax.lax.pcast(ct, missing, to="varying")
   return ct

@@ -21,21 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import schedule
+from lowrank_vjp._src import vma
 from lowrank_vjp._src.tensor import tucker as tucker_lib
 
 TuckerResidual = tucker_lib.TuckerResidual
 
 
-def _contract_batch(spec, res: TuckerResidual, g: jax.Array):
-  """``g ×_batch U_Bᵀ``: the output gradient in the batch rank space."""
-  u = res.factors[spec.batch_axis]
+def _contract_batch(spec, u, g: jax.Array):
+  """``g ×_batch uᵀ``: the output gradient in the batch rank space."""
   ob = spec.dimension_numbers.out_spec[0]
-  if u is None:
-    return g
-  g = jnp.tensordot(g.astype(u.dtype), u, axes=([ob], [0]),
+  # U_B as the left operand: XLA then reads g in its own layout, where with g
+  # on the left it made a transposed copy of the whole output gradient.
+  g = jnp.tensordot(u, g.astype(u.dtype), axes=([0], [ob]),
                     precision=spec.precision)
-  return jnp.moveaxis(g, -1, ob)
+  return jnp.moveaxis(g, 0, ob)
 
 
 def _rank_space_layout(spec, res: TuckerResidual):
@@ -71,28 +71,83 @@ def weight_grad_conv(spec, res: TuckerResidual,
   to ``C`` channels. Grouped convolutions expand the channels first. This is
   the batch-mode SVD's backward, and HOSVD's when it is smaller than
   :func:`weight_grad_tucker`'s (:func:`weight_grad` chooses).
+
+  The weight gradient is a sum over the batch rank: when the partly rebuilt
+  input (or ``g ×_B U_Bᵀ``) would exceed an eighth of the output gradient,
+  it is summed over slabs of ``K_B`` (:func:`batch_rank_slabs`), so that
+  each slab's rebuilt input, its transposed copy and its slice of ``g`` stay
+  small.
   """
   dn = spec.dimension_numbers
-  expand, keep_channel_rank, _ = _rank_space_layout(spec, res)
+  expand, keep_channel_rank, shape = _rank_space_layout(spec, res)
   core = schedule.after(res.core, g)  # rebuild in the backward pass only
-  lhs = TuckerResidual(core, expand).reconstruct(dtype=spec.lhs_dtype)
-  g = _contract_batch(spec, res, g)
+  batch = dn.lhs_spec[0]
+  u_b = res.factors[batch]
+  slabs = 1 if u_b is None else batch_rank_slabs(
+      u_b.shape[1], math.prod(shape) // max(shape[batch], 1), g.size)
+  if keep_channel_rank:
+    u_c = res.factors[dn.lhs_spec[1]]
+    in_axis = dn.rhs_spec[1]
+    rhs_shape = list(spec.rhs_shape)
+    rhs_shape[in_axis] = u_c.shape[1]
+  else:
+    rhs_shape = list(spec.rhs_shape)
+
+  def slab_grad(core_s, u_s):
+    lhs = TuckerResidual(core_s, expand).reconstruct(dtype=spec.lhs_dtype)
+    g_s = g if u_s is None else _contract_batch(spec, u_s, g)
+    # Inside shard_map the rank-space gradient is per device (each device
+    # has its own factors): transposed at the input's varying type, so that
+    # it is not summed over devices before its own U_C expands it.
+    reduced = dataclasses.replace(
+        spec, lhs_shape=tuple(lhs.shape), rhs_shape=tuple(rhs_shape),
+        rhs_manual=spec.lhs_manual if keep_channel_rank else spec.rhs_manual)
+    return reduced.weight_grad(lhs, g_s)
+
+  if slabs == 1:
+    dw = slab_grad(core, u_b)
+  else:
+    k = u_b.shape[1] // slabs
+    cores = jnp.moveaxis(core, batch, 0).reshape(
+        (slabs, k) + tuple(np.delete(core.shape, batch)))
+    cores = jnp.moveaxis(cores, 1, batch + 1)
+    us = jnp.moveaxis(u_b.reshape(u_b.shape[0], slabs, k), 1, 0)
+
+    def add_slab(dw, slab):
+      core_s, u_s = slab
+      return dw + slab_grad(core_s, u_s).astype(dw.dtype), None
+
+    acc = jnp.promote_types(spec.rhs_dtype, jnp.float32)
+    zeros = jnp.zeros(rhs_shape, acc)
+    like = jax.eval_shape(slab_grad, cores[0], us[0])  # its varying type
+    dw, _ = jax.lax.scan(add_slab, vma.like(zeros, like), (cores, us))
   if not keep_channel_rank:
-    return spec.weight_grad(lhs, g)
-  u_c = res.factors[dn.lhs_spec[1]]
-  in_axis = dn.rhs_spec[1]
-  rhs_shape = list(spec.rhs_shape)
-  rhs_shape[in_axis] = u_c.shape[1]
-  # Inside shard_map the rank-space gradient is per device (each device has
-  # its own factors): transposed at the input's varying type, so that it is
-  # not summed over devices before its own U_C expands it.
-  reduced = dataclasses.replace(spec, lhs_shape=tuple(lhs.shape),
-                                rhs_shape=tuple(rhs_shape),
-                                rhs_manual=spec.lhs_manual)
-  dw = reduced.weight_grad(lhs, g)
+    return dw.astype(spec.rhs_dtype)
   dw = jnp.tensordot(dw.astype(u_c.dtype), u_c, axes=([in_axis], [1]),
                      precision=spec.precision)
   return jnp.moveaxis(dw, -1, in_axis).astype(spec.rhs_dtype)
+
+
+_SLAB_FRACTION = 8
+_MAX_SLABS = 16
+
+
+def batch_rank_slabs(rank: int, per_rank: int, out_elements: int) -> int:
+  """Slabs of the batch rank :func:`weight_grad_conv` sums over.
+
+  The fewest (a divisor of ``rank``, at most 16) that bring one slab's
+  rebuilt input (``per_rank`` elements per unit of rank) under an eighth of
+  the output gradient's ``out_elements``; 1 when it already is.
+  """
+  target = max(out_elements // _SLAB_FRACTION, 1)
+  best = 1
+  for n in range(1, min(rank, _MAX_SLABS) + 1):
+    if rank % n:
+      continue
+    best = n
+    if rank // n * per_rank <= target:
+      break
+  return best
 
 
 def spatial_tap_factor(u: jax.Array, size: int, out_size: int, kernel: int,
@@ -144,12 +199,14 @@ def weight_grad_tucker(spec, res: TuckerResidual,
   if factors[channel_axis] is None:
     factors[channel_axis] = jnp.eye(spec.lhs_shape[channel_axis], dtype=ct)
 
-  # g in canonical order [N, O, o_1..o_d], then batch-contracted to [i, O, ...]
-  g = jnp.transpose(g.astype(ct), dn.out_spec)
+  # g batch-contracted to K_B in its own layout (no transposed copy of the
+  # full gradient; the einsums below name its axes wherever they are).
+  g = g.astype(ct)
   if factors[spec.batch_axis] is not None:
-    g = jnp.tensordot(factors[spec.batch_axis], g, axes=([0], [0]),
-                      precision=spec.precision)
-  out_sizes = g.shape[2:]
+    g = jnp.moveaxis(jnp.tensordot(
+        factors[spec.batch_axis], g, axes=([0], [dn.out_spec[0]]),
+        precision=spec.precision), 0, dn.out_spec[0])
+  out_sizes = [g.shape[a] for a in out_sp]
   kernel = [spec.rhs_shape[a] for a in rhs_sp]
 
   letters = iter(string.ascii_lowercase)
@@ -158,7 +215,9 @@ def weight_grad_tucker(spec, res: TuckerResidual,
   r = [next(letters) for _ in range(nsp)]
   osp = [next(letters) for _ in range(nsp)]
   t = g
-  t_idx = [i, o] + osp
+  t_idx = [None] * g.ndim
+  for a, letter in zip(dn.out_spec, [i, o] + osp):
+    t_idx[a] = letter
   for d in range(nsp):
     p = spatial_tap_factor(factors[lhs_sp[d]], spec.lhs_shape[lhs_sp[d]],
                            out_sizes[d], kernel[d], spec.window_strides[d],

@@ -22,8 +22,9 @@ import functools
 
 import jax
 
+from lowrank_vjp._src import remat
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.ops import base
-from lowrank_vjp._src.ops import schedule
 
 
 class HigherOrderError(TypeError):
@@ -78,8 +79,9 @@ def compressed_apply(op, method, lhs, rhs, state):
 
 def _compressed_apply_fwd(op, method, lhs, rhs, state):
   res, stats, new_state = method.compress_for(op, _stop(lhs), state)
+  res = remat.named(res)
   y = schedule.tie(op.apply(lhs, rhs), res)
-  return (y, stats, new_state), (res, rhs)
+  return (y, stats, new_state), (res, remat.named(rhs))
 
 
 def _compressed_apply_bwd(op, method, saved, cotangents):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowrank_vjp._src import stats as stats_lib
+from lowrank_vjp._src import vma
 from lowrank_vjp._src.tensor import tucker as tucker_lib
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -69,7 +70,33 @@ def mode_gram(x: jax.Array, axis: int, dual: bool = False) -> jax.Array:
     a = x.reshape(p, i, q)
     return jnp.sum(dot(a, a, (((2,), (2,)), ((0,), (0,)))), axis=0)
   a = x.reshape(p, i, q)
-  return dot(a, a, (((0, 2), (0, 2)), ((), ())))
+  chunks = _gram_chunks(p)
+  if chunks == 1:
+    return dot(a, a, (((0, 2), (0, 2)), ((), ())))
+  # The contraction over (P, Q) needs x transposed to [P·Q, I]: done one
+  # slab of P at a time, so the copy is a slab, not the whole activation.
+  def add_slab(gram, slab):
+    return gram + dot(slab, slab, (((0, 2), (0, 2)), ((), ()))), None
+
+  zeros = vma.like(jnp.zeros((i, i), ct), x)  # x's type inside shard_map
+  gram, _ = lax.scan(add_slab, zeros, a.reshape(chunks, p // chunks, i, q))
+  return gram
+
+
+_MIN_SLABS = 16
+_MAX_SLABS = 256
+
+
+def _gram_chunks(p: int) -> int:
+  """Slabs of a middle-axis Gram: the smallest divisor of ``p`` from 16 on.
+
+  1 (one contraction, one activation-sized transposed copy) when ``p`` has
+  no divisor between 16 and 256 (a loop of more steps would be slow).
+  """
+  for n in range(_MIN_SLABS, min(p, _MAX_SLABS) + 1):
+    if p % n == 0:
+      return n
+  return 1
 
 
 def eps_rank(eigvals: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:

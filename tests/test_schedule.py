@@ -1,4 +1,4 @@
-"""Tests for lowrank_vjp._src.ops.schedule: tie and after change no value."""
+"""Tests for lowrank_vjp._src.schedule: tie and after change no value."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_vjp._src.ops import schedule
+from lowrank_vjp._src import schedule
 from lowrank_vjp._src.tensor import tucker
 
 

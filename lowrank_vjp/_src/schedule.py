@@ -5,7 +5,9 @@ placements undo a compression: computing the residual late (in the backward
 pass, with the full input kept alive until then), and rebuilding an
 activation early (in the forward pass, with the rebuilt tensor kept alive
 until the backward pass). :func:`tie` and :func:`after` add data
-dependencies that forbid each, without changing any value.
+dependencies that forbid each, without changing any value. A third undoes
+it across layers: XLA recomputing a cheap producer in each consumer, which
+keeps the producer's inputs alive; :func:`materialized` forbids that.
 """
 
 from __future__ import annotations
@@ -72,3 +74,40 @@ def after(x: jax.Array, g: jax.Array) -> jax.Array:
     return x
   first = jax.lax.slice(g.reshape(-1), (0,), (1,))[0]
   return jnp.where(_never([_word(first)]), jnp.zeros_like(x), x)
+
+
+def materialized(fn, x: jax.Array):
+  """``fn(x)``, computed from one materialized ``x`` and nothing else.
+
+  XLA fuses cheap elementwise producers into every consumer, duplicating
+  them. Along a residual stream (``x = relu(x + conv(x))``, block after
+  block) each consumer of a block's output (the next convolution, the skip
+  addition, the mask packing, the compression) then recomputed the stream
+  from the raw convolution outputs of every earlier block, which XLA kept
+  alive at full size until the last such recomputation: four activation
+  buffers per stage of a 9-block CNN. Here ``fn`` runs inside a
+  ``lax.cond`` whose predicate is never true: a conditional fuses with
+  nothing, so ``x`` is computed once into its own buffer and ``fn``'s
+  results (the layer's output and residual) are new buffers that every
+  consumer reads. ``lax.optimization_barrier`` would say the same, but the
+  CPU pipeline removes barriers.
+
+  Args:
+    fn: The computation, ``x -> pytree of arrays``.
+    x: Its input.
+
+  Returns:
+    ``fn(x)``, same values.
+  """
+  if not x.size:
+    return fn(x)
+
+  def on_cpu(x):
+    first = jax.lax.slice(x.reshape(-1), (0,), (1,))[0]
+    zeros = lambda v: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, v))
+    return jax.lax.cond(_never([_word(first)]), zeros, fn, x)
+
+  # Elsewhere the barrier is kept, and a conditional could cost a host
+  # round trip for its predicate on a GPU.
+  return jax.lax.platform_dependent(
+      x, cpu=on_cpu, default=lambda x: fn(jax.lax.optimization_barrier(x)))

@@ -1,0 +1,120 @@
+"""Whole-step peak memory and the largest batch that fits, per method.
+
+One command for the tables of docs/benchmarks/peak_memory.md: XLA's
+estimated peak of each method's compiled training step
+(``lowrank_vjp.training.peak_memory``), the largest batch under a budget
+(``lv.measure.max_batch``, compile-only), and a plot of peak against batch.
+
+Usage:
+  python experiments/peak_memory.py                 # the published setting
+  python experiments/peak_memory.py --quick         # a smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from lowrank_vjp.training import peak_memory as pm
+from lowrank_vjp.training import report as report_lib
+
+DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs",
+                    "benchmarks")
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--methods", default=",".join(list(pm.METHODS)))
+  p.add_argument("--cnn-batch", type=int, default=64)
+  p.add_argument("--cnn-size", type=int, default=96)
+  p.add_argument("--models", default="resnet18,mobilenet_v2",
+                 help="models of lowrank_vjp.models measured at --size")
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--ks", default="all,4")
+  p.add_argument("--max-batch-models", default=None,
+                 help="models (of --models) that also get the largest-batch "
+                 "search (default: all of them; MobileNetV2's compiles are "
+                 "slow on a CPU)")
+  p.add_argument("--budget-mib", type=float, default=2048)
+  p.add_argument("--cnn-budget-mib", type=float, default=512)
+  p.add_argument("--tolerance", type=float, default=0.1)
+  p.add_argument("--curve-batches", default="16,32,64,128")
+  p.add_argument("--out", default=DOCS)
+  p.add_argument("--quick", action="store_true",
+                 help="tiny sizes, two methods (a smoke run)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse(argv)
+  if args.quick:
+    args.methods, args.models, args.ks = "vanilla,hosvd", "resnet18", "4"
+    args.cnn_batch, args.cnn_size, args.size, args.batch = 4, 16, 32, 2
+    args.budget_mib, args.cnn_budget_mib = 160, 8
+    args.curve_batches = "2,4"
+  t0 = time.perf_counter()
+  names = [m.strip() for m in args.methods.split(",") if m.strip()]
+  cnn = pm.Setting("cnn", "all", args.cnn_size)
+  cnn_names = names + [pm.REMAT]
+  result = {"environment": report_lib.environment(),
+            "command": "python experiments/peak_memory.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]),
+            "peaks": [], "max_batch": []}
+
+  def log(msg):
+    print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+  def save(partial=True):
+    result["wall_s"] = time.perf_counter() - t0
+    result["partial"] = partial
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "peak_memory.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "peak_memory.md"), "w") as f:
+      f.write(pm.page(result))
+
+  searched = (args.models if args.max_batch_models is None
+              else args.max_batch_models).split(",")
+  settings = [(cnn, cnn_names, args.cnn_batch, args.cnn_budget_mib)] + [
+      (pm.Setting(m, k, args.size), names, args.batch, args.budget_mib)
+      for m in args.models.split(",") if m for k in args.ks.split(",")]
+  batches = [int(b) for b in args.curve_batches.split(",")]
+  result["curve"] = {"setting": cnn.label(), "batches": batches,
+                     "peak_bytes": {n: {str(b): pm.peak_bytes(cnn, n, b)
+                                        for b in batches}
+                                    for n in cnn_names}}
+  os.makedirs(args.out, exist_ok=True)
+  pm.plot(result["curve"], os.path.join(args.out, "peak_vs_batch.png"))
+  log("peak against batch: done")
+  for setting, these, batch, budget in settings:
+    peaks = {n: pm.peak_bytes(setting, n, batch) for n in these}
+    log(f"{setting.label()} batch {batch}: " + ", ".join(
+        f"{n} {p / pm.MiB:.0f}" for n, p in peaks.items()))
+    result["peaks"].append({"setting": setting.label(), "batch": batch,
+                            "peak_bytes": peaks})
+    save()
+    if setting.model != "cnn" and setting.model not in searched:
+      continue
+    found = pm.max_batches(setting, these, int(budget * pm.MiB),
+                           start=max(1, batch // 4),
+                           tolerance=args.tolerance)
+    log(f"{setting.label()} under {budget:.0f} MiB: " + ", ".join(
+        f"{n} {f.batch}" for n, f in found.items()))
+    result["max_batch"].append({
+        "setting": setting.label(), "budget_bytes": int(budget * pm.MiB),
+        "tolerance": args.tolerance,
+        "batch": {n: f.batch for n, f in found.items()},
+        "peak_bytes": {n: f.peak_bytes for n, f in found.items()},
+        "compiles": {n: len(f.tried) for n, f in found.items()}})
+    save()
+  save(partial=False)
+  log(f"wrote {args.out}/peak_memory.{{json,md}} and peak_vs_batch.png")
+  return result
+
+
+if __name__ == "__main__":
+  main()
