@@ -8,6 +8,9 @@ estimated peak of each method's compiled training step
 Usage:
   python experiments/peak_memory.py                 # the published setting
   python experiments/peak_memory.py --quick         # a smoke run (tests)
+  python experiments/peak_memory.py --no-cnn --ks "" --bn-ks all \
+      --max-batch-models resnet18 --out docs/benchmarks/train_bn
+                                    # BatchNorm in training mode
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -34,7 +38,13 @@ def parse(argv=None):
                  help="models of lowrank_vjp.models measured at --size")
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--ks", default="all,4")
+  p.add_argument("--ks", default="all,4",
+                 help="trained layers of the models, BatchNorm frozen")
+  p.add_argument("--bn-ks", default="",
+                 help="trained layers of the models, BatchNorm in training "
+                 "mode (compressing methods keep 8-bit codes of its x̂)")
+  p.add_argument("--no-cnn", action="store_true",
+                 help="skip the ResidualCNN tables and the batch curve")
   p.add_argument("--max-batch-models", default=None,
                  help="models (of --models) that also get the largest-batch "
                  "search (default: all of them; MobileNetV2's compiles are "
@@ -61,7 +71,7 @@ def main(argv=None) -> dict:
   cnn = pm.Setting("cnn", "all", args.cnn_size)
   cnn_names = names + [pm.REMAT]
   result = {"environment": report_lib.environment(),
-            "command": "python experiments/peak_memory.py " + " ".join(
+            "command": "python experiments/peak_memory.py " + shlex.join(
                 argv if argv is not None else sys.argv[1:]),
             "peaks": [], "max_batch": []}
 
@@ -79,17 +89,23 @@ def main(argv=None) -> dict:
 
   searched = (args.models if args.max_batch_models is None
               else args.max_batch_models).split(",")
-  settings = [(cnn, cnn_names, args.cnn_batch, args.cnn_budget_mib)] + [
-      (pm.Setting(m, k, args.size), names, args.batch, args.budget_mib)
-      for m in args.models.split(",") if m for k in args.ks.split(",")]
-  batches = [int(b) for b in args.curve_batches.split(",")]
-  result["curve"] = {"setting": cnn.label(), "batches": batches,
-                     "peak_bytes": {n: {str(b): pm.peak_bytes(cnn, n, b)
-                                        for b in batches}
-                                    for n in cnn_names}}
-  os.makedirs(args.out, exist_ok=True)
-  pm.plot(result["curve"], os.path.join(args.out, "peak_vs_batch.png"))
-  log("peak against batch: done")
+  models = [m for m in args.models.split(",") if m]
+  settings = ([] if args.no_cnn else
+              [(cnn, cnn_names, args.cnn_batch, args.cnn_budget_mib)]) + [
+      (pm.Setting(m, k, args.size, train_bn=bn), names, args.batch,
+       args.budget_mib)
+      for m in models
+      for ks, bn in ((args.ks, False), (args.bn_ks, True))
+      for k in ks.split(",") if k]
+  if not args.no_cnn:
+    batches = [int(b) for b in args.curve_batches.split(",")]
+    result["curve"] = {"setting": cnn.label(), "batches": batches,
+                       "peak_bytes": {n: {str(b): pm.peak_bytes(cnn, n, b)
+                                          for b in batches}
+                                      for n in cnn_names}}
+    os.makedirs(args.out, exist_ok=True)
+    pm.plot(result["curve"], os.path.join(args.out, "peak_vs_batch.png"))
+    log("peak against batch: done")
   for setting, these, batch, budget in settings:
     peaks = {n: pm.peak_bytes(setting, n, batch) for n in these}
     log(f"{setting.label()} batch {batch}: " + ", ".join(

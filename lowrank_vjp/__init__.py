@@ -26,6 +26,7 @@ from lowrank_vjp._src.layers.activations import silu as silu
 from lowrank_vjp._src.layers.batchnorm import (
     frozen_batch_norm as frozen_batch_norm,
 )
+from lowrank_vjp._src.layers.batchnorm_train import batch_norm as batch_norm
 from lowrank_vjp._src.layers.fused import bn_relu_conv as bn_relu_conv
 from lowrank_vjp._src.layers.pooling import max_pool as max_pool
 from lowrank_vjp._src.methods.checkpoint import checkpointed as checkpointed
@@ -55,6 +56,7 @@ __all__ = (
     "RankOverflowWarning",
     "RESIDUAL_NAME",
     "TuckerResidual",
+    "batch_norm",
     "bn_relu_conv",
     "checkpointed",
     "compressed_conv",

@@ -1,4 +1,5 @@
-"""Flax integration: Linen modules for compressed convolutions and denses."""
+"""Flax integration: Linen modules for compressed convolutions, denses and
+BatchNorms."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from lowrank_vjp._src.flax.linen import (
 from lowrank_vjp._src.flax.stats import COLLECTION as COLLECTION
 from lowrank_vjp._src.flax.stats import collect_stats as collect_stats
 from lowrank_vjp._src.layers.batchnorm import FrozenBatchNorm as FrozenBatchNorm
+from lowrank_vjp._src.layers.batchnorm_train import BatchNorm as BatchNorm
 
 __all__ = (
     "ASI_COLLECTION",
+    "BatchNorm",
     "COLLECTION",
     "CompressedConvGeneralDilated",
     "CompressedDotGeneral",

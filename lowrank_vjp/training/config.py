@@ -80,7 +80,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   rank_control: str = "redo"
   rank_patience: int = 100
-  rank_headroom: float = 1.5
+  rank_headroom: float = 1.0
   workdir: str = "workdir"
   seed: int = 0
   no_progress: bool = False

@@ -217,6 +217,12 @@ def page(result: dict) -> str:
       "over the method's. On the CPU `jax.checkpoint` changes little: "
       "XLA:CPU removes the barrier that keeps recomputation from being "
       "merged back into the forward pass.", ""]
+  if any("BN trained" in t["setting"] for t in result["peaks"]):
+    lines += ["\"BN trained\": the BatchNorms after the trained convolutions "
+              "run in training mode and are trained. Under a compressing "
+              "method they are `lv.batch_norm` keeping 8-bit per-channel "
+              "codes of x̂ (`lv.rules.Rule.bn_method`'s default); under "
+              "vanilla and checkpoint they are Flax's own `nn.BatchNorm`.", ""]
   if result.get("partial"):
     lines += ["**Partial: the run stopped before every table was measured.**",
               ""]

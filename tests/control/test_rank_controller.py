@@ -22,6 +22,14 @@ def test_ladder_rungs_and_fit():
   assert lv.RankLadder(minimum=4).rungs(20) == (4, 6, 8, 12, 16, 20)
   with pytest.raises(ValueError, match="minimum"):
     lv.RankLadder(minimum=0)
+  fine = lv.RankLadder(per_octave=4)
+  assert fine.rungs(40) == (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24,
+                            28, 32, 40)
+  assert fine.fit(9, 40) == 10
+  rungs = np.asarray(lv.RankLadder(per_octave=8).rungs(4096))
+  assert np.max(rungs[9:-1] / rungs[8:-2]) <= 1.125   # above 8: ≤ 1/8 apart
+  with pytest.raises(ValueError, match="per_octave"):
+    lv.RankLadder(per_octave=0)
 
 
 def _stats(needed, capacity, shape=(16, 16, 8, 32)):

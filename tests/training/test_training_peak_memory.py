@@ -6,6 +6,7 @@ import jax
 import pytest
 
 import lowrank_vjp as lv
+import lowrank_vjp.rules as lvr
 from lowrank_vjp.training import peak_memory as pm
 
 TINY = pm.Setting("cnn", "all", 8)
@@ -62,3 +63,20 @@ def test_the_page_is_computed_from_the_result(partial):
   assert "| vanilla | 80 | 150 |" in text
   assert ("**Partial" in text) == partial
   assert "no GPU was available" in text
+
+
+def test_trained_batchnorms_keep_codes_under_a_compressing_method(
+    monkeypatch):
+  setting = pm.Setting("resnet18", "all", 32, train_bn=True)
+  assert "BN trained" in setting.label()
+
+  def named_residuals():
+    step, args = pm.make_step(setting, "hosvd", 2)
+    return str(jax.make_jaxpr(step)(*args)).count(lv.RESIDUAL_NAME)
+
+  ours = named_residuals()
+  monkeypatch.setattr(lvr.Rule, "batch_norm_method",
+                      lambda self: (False, None))   # Flax's own BatchNorm
+  # Each of ResNet18's 20 BatchNorms (stem, 2 per block, 3 downsamples)
+  # names its residual: 3 arrays of codes, the mean, 1/σ and the scale.
+  assert ours - named_residuals() == 20 * 6

@@ -47,28 +47,36 @@ CapacityKey = tuple[tuple[str, Capacity], ...]
 class RankLadder:
   """The coarse set of values a capacity may take.
 
-  Rungs are the powers of two and their halfway points,
-  ``1, 2, 3, 4, 6, 8, 12, 16, 24, 32, …`` (consecutive rungs differ by a
-  factor 1.33 or 1.5), capped at the axis's rank bound, which is always a
-  rung.
+  Rungs are ``k · (1 + i / per_octave)`` for the powers of two ``k`` and
+  ``i = 0 … per_octave - 1``, rounded down: with ``per_octave=2`` the powers
+  of two and their halfway points, ``1, 2, 3, 4, 6, 8, 12, 16, 24, 32, …``
+  (consecutive rungs differ by a factor 1.33 or 1.5); with ``per_octave=4``
+  ``1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, …`` (at most 1.25). Rungs
+  are capped at the axis's rank bound, which is always a rung. Finer rungs
+  hold less beyond what ε needs but change more often (each change of a
+  setting is a compile).
 
   Attributes:
     minimum: Smallest rung used (a floor for every capacity).
+    per_octave: Rungs per factor of two, ``>= 1``.
   """
 
   minimum: int = 1
+  per_octave: int = 2
 
   def __post_init__(self):
-    if isinstance(self.minimum, bool) or not isinstance(
-        self.minimum, int) or self.minimum < 1:
-      raise ValueError(f"minimum must be a positive int, got "
-                       f"{self.minimum!r}.")
+    for name in ("minimum", "per_octave"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}.")
 
   def rungs(self, bound: int) -> tuple[int, ...]:
     """All rungs up to and including ``bound``."""
     out, k = set(), 1
     while k < bound:
-      out.update(r for r in (k, 3 * k // 2) if self.minimum <= r < bound)
+      out.update(r for r in (k + k * i // self.per_octave
+                             for i in range(self.per_octave))
+                 if self.minimum <= r < bound)
       k *= 2
     return tuple(sorted(out)) + (int(bound),)
 

@@ -29,7 +29,9 @@ import jax
 from flax import traverse_util
 
 from lowrank_vjp._src.flax import linen as flax_linen
+from lowrank_vjp._src.layers import batchnorm_train
 from lowrank_vjp._src.methods import base as methods_base
+from lowrank_vjp._src.methods import quant
 
 _MODULES = flax_linen.MODULES
 
@@ -40,6 +42,13 @@ def _freeze(value):
   if isinstance(value, Mapping):
     return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
   return value
+
+
+AUTO = "auto"
+"""``Rule.bn_method``'s default (see :class:`Rule`)."""
+
+AUTO_BN_METHOD = quant.Quant(bits=8, per_channel=True)
+"""What a trained BatchNorm keeps under a compressing rule by default."""
 
 
 def _method(settings) -> methods_base.Method:
@@ -70,6 +79,12 @@ class Rule:
       averages updated, scale and bias trained. By default BatchNorm stays
       frozen (running averages, fixed affine), as in the papers; a frozen
       BatchNorm keeps nothing for the backward pass.
+    bn_method: What a trained BatchNorm keeps for its backward pass (see
+      :func:`lowrank_vjp.batch_norm`): ``"auto"`` (default) keeps 8-bit
+      per-channel codes of ``x̂`` (``Quant(bits=8, per_channel=True)``)
+      when the rule compresses, and leaves Flax's own ``nn.BatchNorm`` in
+      place when it does not; None keeps the exact input (with the written
+      out backward pass); or a stateless method.
 
   Example::
 
@@ -81,6 +96,7 @@ class Rule:
   pattern: str
   settings: Any = None
   train_bn: bool = False
+  bn_method: Any = AUTO
 
   def __post_init__(self):
     try:
@@ -90,6 +106,23 @@ class Rule:
           f"Rule pattern {self.pattern!r} is not a regex: {e}") from e
     if self.settings is not None:
       object.__setattr__(self, "settings", _method(self.settings))
+    if not (isinstance(self.bn_method, str) and self.bn_method == AUTO):
+      object.__setattr__(self, "bn_method", batchnorm_train.resolve_method(
+          self.bn_method, f"Rule({self.pattern!r}).bn_method"))
+
+  def batch_norm_method(self) -> tuple[bool, methods_base.Method | None]:
+    """``(replaced, method)`` for the BatchNorms this rule trains.
+
+    ``replaced`` is False when Flax's own ``nn.BatchNorm`` runs (``"auto"``
+    under an uncompressed rule); otherwise :func:`lowrank_vjp.batch_norm`
+    runs and keeps ``x̂`` with ``method`` (None: the exact input).
+    """
+    if not (isinstance(self.bn_method, str) and self.bn_method == AUTO):
+      return True, self.bn_method
+    if (self.settings is None
+        or self.settings.label in batchnorm_train.EXACT_METHODS):
+      return False, None
+    return True, AUTO_BN_METHOD
 
   def matches(self, path: str) -> bool:
     """Whether ``path`` (``/``-joined) matches :attr:`pattern` in full."""
@@ -237,7 +270,8 @@ def last_k(layers: Sequence[Layer], k: int, *, exclude: str | None = None,
 
 def fine_tune_last(layers: Sequence[Layer], k: int, settings=None, *,
                    exclude: str | None = None, head: str | None = None,
-                   train_bn: bool = False) -> tuple[Rule, ...]:
+                   train_bn: bool = False,
+                   bn_method: Any = AUTO) -> tuple[Rule, ...]:
   """Rules for "fine-tune the last ``k`` conv layers with these settings".
 
   Args:
@@ -248,6 +282,7 @@ def fine_tune_last(layers: Sequence[Layer], k: int, settings=None, *,
     exclude: Convolutions not counted (and left frozen).
     head: Regex of further layers trained uncompressed (the classifier).
     train_bn: Train the BatchNorms that follow the chosen convolutions.
+    bn_method: What those BatchNorms keep (:attr:`Rule.bn_method`).
 
   Returns:
     One exact-path :class:`Rule` per convolution, then one for ``head``.
@@ -259,7 +294,7 @@ def fine_tune_last(layers: Sequence[Layer], k: int, settings=None, *,
                                head="classifier/1")
     plan = lvr.make_plan(layers, rules)
   """
-  rules = [Rule(re.escape(p), settings, train_bn)
+  rules = [Rule(re.escape(p), settings, train_bn, bn_method)
            for p in last_k(layers, k, exclude=exclude)]
   if head is not None:
     rules.append(Rule(head))
@@ -297,6 +332,9 @@ class Plan:
     train_bn: BatchNorm paths run in training mode (and trained).
     freeze_bn: Whether every other BatchNorm is forced to use its running
       averages even when the model is called with ``train=True``.
+    bn_methods: ``(path, method or None)`` for each of :attr:`train_bn`:
+      what it keeps of ``x̂`` (:func:`lowrank_vjp.batch_norm`; None:
+      exact). A path missing here runs as Flax's own ``nn.BatchNorm``.
   """
 
   layers: tuple[Layer, ...]
@@ -304,6 +342,7 @@ class Plan:
   trainable: tuple[str, ...]
   train_bn: tuple[str, ...]
   freeze_bn: bool = True
+  bn_methods: tuple[tuple[str, Any], ...] = ()
 
   @property
   def compressed_paths(self) -> tuple[str, ...]:
@@ -339,6 +378,7 @@ class Plan:
               else flax_linen.dense_cls)
       target[path] = make(method)
     bn_train = frozenset(self.train_bn)
+    bn_methods = dict(self.bn_methods)
     freeze_bn = self.freeze_bn
 
     def interceptor(next_fun, args, kwargs, context):
@@ -346,6 +386,10 @@ class Plan:
       if context.method_name != "__call__" or isinstance(module, _MODULES):
         return next_fun(*args, **kwargs)
       path = "/".join(str(p) for p in module.path)
+      if (path in bn_methods and type(module) is nn.BatchNorm and args
+          and kwargs.get("mask") is None):
+        return batchnorm_train.linen_call(module, args[0], False,
+                                          bn_methods[path])
       if path in convs and isinstance(module, nn.Conv):
         with _fields(module, conv_general_dilated_cls=convs[path]):
           return next_fun(*args, **kwargs)
@@ -424,7 +468,10 @@ class Plan:
       s = settings.get(path)
       text = "uncompressed" if s is None else repr(s)
       if path in self.train_bn:
-        text = "batch statistics, trained"
+        bns = dict(self.bn_methods)
+        kept = ("Flax's own" if path not in bns else "x (exact)"
+                if bns[path] is None else f"x̂ as {bns[path]!r}")
+        text = f"batch statistics, trained; keeps {kept}"
       lines.append(f"{path:<44} {layer.kind:<10} "
                    f"{str(layer.input_shape):<22} {text}")
     return "\n".join(lines)
@@ -459,7 +506,7 @@ def make_plan(layers: Sequence[Layer], rules: Sequence[Rule], *,
   """
   rules = tuple(rules)
   used: dict[int, list[str]] = {i: [] for i in range(len(rules))}
-  compressed, trainable, train_bn = [], [], []
+  compressed, trainable, train_bn, bn_methods = [], [], [], []
   pending_bn_rule: Rule | None = None
   for layer in sorted(layers, key=lambda x: x.order):
     idx = next((i for i, r in enumerate(rules) if r.matches(layer.path)),
@@ -474,8 +521,12 @@ def make_plan(layers: Sequence[Layer], rules: Sequence[Rule], *,
           compressed.append((layer.path, rule.settings))
     elif layer.kind == "batch_norm":
       follows = pending_bn_rule is not None and pending_bn_rule.train_bn
-      if (rule is not None and rule.train_bn) or follows:
+      own = rule is not None and rule.train_bn
+      if own or follows:
         train_bn.append(layer.path)
+        replaced, bn = (rule if own else pending_bn_rule).batch_norm_method()
+        if replaced:
+          bn_methods.append((layer.path, bn))
         if layer.params:
           trainable.append(layer.path)
       if rule is not None:
@@ -496,7 +547,7 @@ def make_plan(layers: Sequence[Layer], rules: Sequence[Rule], *,
           f"rule {rules[i].pattern!r} has compression settings but matches "
           f"no nn.Conv or nn.Dense (it matches {sorted(set(kinds))})")
   return Plan(tuple(layers), tuple(compressed), tuple(trainable),
-              tuple(train_bn), freeze_bn)
+              tuple(train_bn), freeze_bn, tuple(bn_methods))
 
 
 def plan(model: nn.Module, rules: Sequence[Rule], *args,

@@ -15,7 +15,7 @@ and then works in every drop-in, Flax module and fine-tuning rule, with the
 exact input gradient and the weight gradient taken at ``decompress(...)``.
 The optional hooks below (:meth:`Method.compress_for`,
 :meth:`Method.weight_grad`, :meth:`Method.input_grad`,
-:meth:`Method.init_state`, :meth:`Method.apply`,
+:meth:`Method.rebuild`, :meth:`Method.init_state`, :meth:`Method.apply`,
 :meth:`Method.with_capacity`, :meth:`Method.check_op`) are how the built-in
 methods get their fast paths, state and statistics.
 
@@ -126,11 +126,20 @@ class Method:
     del residual
     return op.input_grad(rhs, g)
 
+  def rebuild(self, op, residual: Any) -> jax.Array:
+    """``op``'s input rebuilt from the residual (:meth:`decompress` by default).
+
+    Methods whose decoding needs the op (its channel axis) override this
+    rather than :meth:`decompress`; layers other than contractions
+    (:func:`lowrank_vjp.batch_norm`) rebuild their saved activation with it.
+    """
+    return self.decompress(residual, op.lhs_aval())
+
   def weight_grad(self, op, residual: Any, g: jax.Array) -> jax.Array:
     """``d rhs`` at the rebuilt input (rebuilt only once ``g`` exists)."""
     residual = jax.tree_util.tree_map(lambda r: schedule.after(r, g),
                                       residual)
-    return op.weight_grad(self.decompress(residual, op.lhs_aval()), g)
+    return op.weight_grad(self.rebuild(op, residual), g)
 
   def apply(self, op, lhs: jax.Array, rhs: jax.Array, state: Any = None
             ) -> tuple[jax.Array, stats_lib.CompressionStats, Any]:

@@ -31,7 +31,6 @@ from jax import lax
 
 from lowrank_vjp._src import stats as stats_lib
 from lowrank_vjp._src.methods import base
-from lowrank_vjp._src import schedule
 from lowrank_vjp._src.tensor import hosvd
 from lowrank_vjp._src.tensor import packing
 
@@ -199,8 +198,5 @@ class Quant(base.Method):
         x.shape, x.dtype, self.label,
         residual_nbytes(tuple(x.shape), qspec)), state
 
-  def weight_grad(self, op, residual: QuantResidual, g):
-    residual = QuantResidual(schedule.after(residual.words, g), residual.lo,
-                             residual.step)
-    lhs = dequantize(residual, op.lhs_shape, op.lhs_dtype, self.qspec(op))
-    return op.weight_grad(lhs, g)
+  def rebuild(self, op, residual: QuantResidual):
+    return dequantize(residual, op.lhs_shape, op.lhs_dtype, self.qspec(op))
