@@ -71,8 +71,8 @@ def main(argv=None) -> dict:
   cnn = pm.Setting("cnn", "all", args.cnn_size)
   cnn_names = names + [pm.REMAT]
   result = {"environment": report_lib.environment(),
-            "command": "python experiments/peak_memory.py " + shlex.join(
-                argv if argv is not None else sys.argv[1:]),
+            "command": ("python experiments/peak_memory.py " + shlex.join(
+                argv if argv is not None else sys.argv[1:])).strip(),
             "peaks": [], "max_batch": []}
 
   def log(msg):

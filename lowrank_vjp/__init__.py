@@ -23,11 +23,16 @@ from lowrank_vjp._src.layers.activations import hard_swish as hard_swish
 from lowrank_vjp._src.layers.activations import relu as relu
 from lowrank_vjp._src.layers.activations import relu6 as relu6
 from lowrank_vjp._src.layers.activations import silu as silu
+from lowrank_vjp._src.layers.attention import (
+    dot_product_attention as dot_product_attention,
+)
 from lowrank_vjp._src.layers.batchnorm import (
     frozen_batch_norm as frozen_batch_norm,
 )
 from lowrank_vjp._src.layers.batchnorm_train import batch_norm as batch_norm
 from lowrank_vjp._src.layers.fused import bn_relu_conv as bn_relu_conv
+from lowrank_vjp._src.layers.layernorm import layer_norm as layer_norm
+from lowrank_vjp._src.layers.layernorm import rms_norm as rms_norm
 from lowrank_vjp._src.layers.pooling import max_pool as max_pool
 from lowrank_vjp._src.methods.checkpoint import checkpointed as checkpointed
 from lowrank_vjp._src.ops.vjp import HigherOrderError as HigherOrderError
@@ -61,10 +66,12 @@ __all__ = (
     "checkpointed",
     "compressed_conv",
     "compressed_dense",
+    "dot_product_attention",
     "flax",
     "frozen_batch_norm",
     "gelu",
     "hard_swish",
+    "layer_norm",
     "max_pool",
     "measure",
     "methods",
@@ -72,6 +79,7 @@ __all__ = (
     "plan_ranks",
     "raise_on_overflow",
     "rank_capacities",
+    "rms_norm",
     "relu",
     "relu6",
     "rules",

@@ -1,5 +1,5 @@
 """Flax integration: Linen modules for compressed convolutions, denses and
-BatchNorms."""
+normalisation layers."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from lowrank_vjp._src.flax.stats import COLLECTION as COLLECTION
 from lowrank_vjp._src.flax.stats import collect_stats as collect_stats
 from lowrank_vjp._src.layers.batchnorm import FrozenBatchNorm as FrozenBatchNorm
 from lowrank_vjp._src.layers.batchnorm_train import BatchNorm as BatchNorm
+from lowrank_vjp._src.layers.layernorm import LayerNorm as LayerNorm
+from lowrank_vjp._src.layers.layernorm import RMSNorm as RMSNorm
 
 __all__ = (
     "ASI_COLLECTION",
@@ -27,6 +29,8 @@ __all__ = (
     "CompressedConvGeneralDilated",
     "CompressedDotGeneral",
     "FrozenBatchNorm",
+    "LayerNorm",
+    "RMSNorm",
     "StatsDroppedWarning",
     "collect_stats",
     "conv_cls",

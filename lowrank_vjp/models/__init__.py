@@ -1,4 +1,5 @@
-"""Pretrained-compatible Flax (Linen) models: MobileNetV2, ResNet18/34, MCUNet.
+"""Flax (Linen) models: MobileNetV2, ResNet18/34, MCUNet (pretrained-compatible)
+and a GPT-style causal LM.
 
 Module names follow the PyTorch originals (torchvision, MCUNet), so
 ``from_torch`` loads their ``.pth`` state dicts key by key, and module paths
@@ -8,6 +9,7 @@ Module names follow the PyTorch originals (torchvision, MCUNet), so
 """
 
 from lowrank_vjp.models._convert import WeightConversionError, from_torch
+from lowrank_vjp.models._gpt import GPT
 from lowrank_vjp.models._mcunet import MCUNet
 from lowrank_vjp.models._mobilenet_v2 import MobileNetV2
 from lowrank_vjp.models._registry import (
@@ -31,6 +33,7 @@ from lowrank_vjp.models._torch_weights import (
 )
 
 __all__ = (
+    "GPT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MCUNet",

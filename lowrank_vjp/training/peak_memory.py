@@ -197,6 +197,16 @@ def max_batches(setting: Setting, names: Sequence[str], budget_bytes: int,
 MiB = float(2**20)
 
 
+def peak_rows(peak_bytes: dict[str, int], label: str) -> list[str]:
+  """A Markdown table of peaks, with vanilla's over each row's."""
+  lines = [f"| {label} | peak MiB | vanilla / {label} |", "|---|---|---|"]
+  base = peak_bytes.get("vanilla")
+  for name, peak in peak_bytes.items():
+    ratio = "" if not base else f"{base / peak:.2f}×"
+    lines.append(f"| {name} | {peak / MiB:.1f} | {ratio} |")
+  return lines
+
+
 def page(result: dict) -> str:
   """docs/benchmarks/peak_memory.md from a result of experiments/peak_memory.py.
 
@@ -231,13 +241,8 @@ def page(result: dict) -> str:
             if not gpu else ["GPU rows: see the allocator section below."])
   lines.append("")
   for table in result["peaks"]:
-    lines += [f"## Peak at batch {table['batch']}: {table['setting']}", "",
-              "| method | peak MiB | vanilla / method |", "|---|---|---|"]
-    base = table["peak_bytes"].get("vanilla")
-    for name, peak in table["peak_bytes"].items():
-      ratio = "" if not base else f"{base / peak:.2f}×"
-      lines.append(f"| {name} | {peak / MiB:.1f} | {ratio} |")
-    lines.append("")
+    lines += [f"## Peak at batch {table['batch']}: {table['setting']}", ""]
+    lines += peak_rows(table["peak_bytes"], "method") + [""]
   for table in result["max_batch"]:
     budget = table["budget_bytes"] / MiB
     lines += [f"## Largest batch under {budget:.0f} MiB: {table['setting']}",

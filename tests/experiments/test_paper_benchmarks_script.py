@@ -24,14 +24,18 @@ def paper_benchmarks(script):
   return script("paper_benchmarks")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, data_dir, paper_benchmarks):
-  out = tmp_path_factory.mktemp("bench")
+def test_memory_accuracy_variance_and_page(tmp_path, data_dir,
+                                           paper_benchmarks):
+  # One run checked three ways (the run takes most of a minute; split over
+  # separate tests, pytest-xdist repeated it on every worker).
+  out = tmp_path / "bench"
   page = str(out / "benchmarks.md")
   paper_benchmarks.main(["memory", "accuracy", "variance", "page",
                          "--results", str(out), "--page", page,
                          "--data-dir", data_dir] + TINY)
-  return out, page
+  _check_memory_cells((out, page))
+  _check_accuracy_runs_every_seed_and_k((out, page))
+  _check_page_has_every_section((out, page))
 
 
 def _load(out, part):
@@ -39,7 +43,7 @@ def _load(out, part):
     return json.load(f)
 
 
-def test_memory_cells_are_measured(results):
+def _check_memory_cells(results):
   out, _ = results
   memory = _load(out, "memory")
   assert not memory["partial"]
@@ -60,7 +64,7 @@ def test_memory_cells_are_measured(results):
     assert c["xla_whole_peak_mib"] > c["xla_whole_temp_mib"]
 
 
-def test_accuracy_runs_every_seed_and_k(results):
+def _check_accuracy_runs_every_seed_and_k(results):
   out, _ = results
   runs = _load(out, "accuracy")["runs"]
   keys = {(r["method"], r["k"], r["seed"]) for r in runs}
@@ -68,7 +72,7 @@ def test_accuracy_runs_every_seed_and_k(results):
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
 
 
-def test_page_has_every_section(results):
+def _check_page_has_every_section(results):
   out, page = results
   text = open(page).read()
   for heading in ("## Activation memory in the paper's setting",

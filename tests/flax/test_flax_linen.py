@@ -642,7 +642,7 @@ def test_nnx_jit_train_step():
 def test_namespace():
   assert lv.flax is lvf
   assert set(lvf.__all__) == {
-      "ASI_COLLECTION", "BatchNorm", "COLLECTION",
+      "ASI_COLLECTION", "BatchNorm", "COLLECTION", "LayerNorm", "RMSNorm",
       "CompressedConvGeneralDilated", "CompressedDotGeneral",
       "FrozenBatchNorm", "StatsDroppedWarning", "collect_stats", "conv_cls",
       "dense_cls"}

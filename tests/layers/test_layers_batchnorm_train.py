@@ -208,7 +208,8 @@ def _plan_grads(rule):
                            mutable=["batch_stats", "compression"])
     return jnp.sum(y**2), state
 
-  (_, state), grads = jax.value_and_grad(loss, has_aux=True)(trained)
+  (_, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      trained)
   return plan, grads, lvf.collect_stats(state)
 
 

@@ -84,7 +84,10 @@ def test_checkpointed_block_keeps_only_its_inputs():
   ours = jax.jit(jax.grad(lambda *args: jnp.sum(f(*args)), (0, 1)))(x, w)
   plain = jax.jit(jax.grad(lambda *args: jnp.sum(g(*args)), (0, 1)))(x, w)
   for a, b in zip(ours, plain, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5)
+    # Float32 round-off of the recomputed forward, relative to the largest
+    # entry (a pure rtol fails on entries near zero).
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-6 * float(jnp.max(jnp.abs(b))))
   # Two block inputs (x and the first block's output), the kernel, the
   # frozen statistics; the vanilla blocks keep their tanh and BN as well.
   expect = 4 * (2 * x.size + w.size + 4 * 4)

@@ -107,7 +107,7 @@ class Rule:
     if self.settings is not None:
       object.__setattr__(self, "settings", _method(self.settings))
     if not (isinstance(self.bn_method, str) and self.bn_method == AUTO):
-      object.__setattr__(self, "bn_method", batchnorm_train.resolve_method(
+      object.__setattr__(self, "bn_method", methods_base.resolve_stateless(
           self.bn_method, f"Rule({self.pattern!r}).bn_method"))
 
   def batch_norm_method(self) -> tuple[bool, methods_base.Method | None]:
@@ -120,7 +120,7 @@ class Rule:
     if not (isinstance(self.bn_method, str) and self.bn_method == AUTO):
       return True, self.bn_method
     if (self.settings is None
-        or self.settings.label in batchnorm_train.EXACT_METHODS):
+        or self.settings.label in methods_base.EXACT_METHODS):
       return False, None
     return True, AUTO_BN_METHOD
 

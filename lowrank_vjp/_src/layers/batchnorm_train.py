@@ -51,8 +51,6 @@ from lowrank_vjp._src.ops import base
 EXACT_LABEL = "exact"
 """``method`` field of the statistics of an exact (uncompressed) BatchNorm."""
 
-EXACT_METHODS = ("none", "checkpoint")
-"""Methods whose BatchNorm residual is the exact input."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +86,13 @@ class NormScale(base.Op):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-  """Static settings of one call (hashable, a ``nondiff_argnums`` entry)."""
+class NormSpec:
+  """Static settings of one normalisation (hashable, ``nondiff_argnums``).
+
+  Batch, layer and RMS normalisation differ only in :attr:`reduce` (the
+  axes the statistics average over) and :attr:`use_mean`; the affine
+  parameters always live on ``op.axis``.
+  """
 
   op: NormScale
   method: methods_base.Method | None
@@ -99,9 +102,12 @@ class _Spec:
   axis_index_groups: Any
   fast_variance: bool
   out_dtype: Any
+  reduce: tuple[int, ...]   # the axes the statistics average over
+  use_mean: bool = True     # False: RMS normalisation (no centring)
 
   @property
-  def reduce(self) -> tuple[int, ...]:
+  def param_sum_axes(self) -> tuple[int, ...]:
+    """The axes the scale's and bias's gradients sum over."""
     return tuple(a for a in range(len(self.op.lhs_shape))
                  if a != self.op.axis)
 
@@ -112,7 +118,7 @@ def _per_channel(v, ndim: int, axis: int):
   return jnp.reshape(v, shape)
 
 
-def _pmean(spec: _Spec, *xs):
+def _pmean(spec: NormSpec, *xs):
   if spec.axis_name is None:
     return xs
   stacked = lax.pmean(jnp.stack(xs), spec.axis_name,
@@ -120,8 +126,8 @@ def _pmean(spec: _Spec, *xs):
   return tuple(stacked[i] for i in range(len(xs)))
 
 
-def _count(spec: _Spec) -> int:
-  """Elements per channel on this device (the statistics average over all)."""
+def _count(spec: NormSpec) -> int:
+  """Elements per statistic on this device (they average over all)."""
   return math.prod(spec.op.lhs_shape[a] for a in spec.reduce)
 
 
@@ -129,10 +135,13 @@ def _stat_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _batch_stats(spec: _Spec, x):
-  """Mean and (biased) variance per channel, as ``nn.BatchNorm`` computes."""
+def _batch_stats(spec: NormSpec, x):
+  """Mean and (biased) variance, as Flax's normalisation layers compute."""
   xs = x.astype(_stat_dtype(x))
   red = spec.reduce
+  if not spec.use_mean:
+    (ms,) = _pmean(spec, lax.square(xs).mean(red))
+    return jnp.zeros_like(ms), ms
   if spec.fast_variance:
     mu, mu2 = _pmean(spec, xs.mean(red), lax.square(xs).mean(red))
     return mu, jnp.maximum(0.0, mu2 - lax.square(mu))
@@ -142,8 +151,8 @@ def _batch_stats(spec: _Spec, x):
   return mu, var
 
 
-def _normalize(spec: _Spec, x, mean, var, scale, bias):
-  """``nn.BatchNorm``'s output, with its operations in its order."""
+def _affine_output(spec: NormSpec, x, mean, var, scale, bias):
+  """Flax's normalised output, with its operations in its order."""
   red = spec.reduce
   mean_b = jnp.expand_dims(mean, red)
   rstd_b = lax.rsqrt(jnp.expand_dims(var, red) + spec.epsilon)
@@ -152,10 +161,10 @@ def _normalize(spec: _Spec, x, mean, var, scale, bias):
   return jnp.asarray(y, spec.out_dtype), mean_b, rstd_b
 
 
-def _forward(spec: _Spec, x, scale, bias, mean, var):
+def _forward(spec: NormSpec, x, scale, bias, mean, var):
   if spec.batch_stats:
     mean, var = _batch_stats(spec, x)
-  y, mean_b, rstd_b = _normalize(spec, x, mean, var, scale, bias)
+  y, mean_b, rstd_b = _affine_output(spec, x, mean, var, scale, bias)
   if spec.method is None:
     res = x
     stats = stats_lib.uncompressed(x.shape, x.dtype, EXACT_LABEL)
@@ -167,12 +176,12 @@ def _forward(spec: _Spec, x, scale, bias, mean, var):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bn(spec: _Spec, x, scale, bias, mean, var):
+def normalize(spec: NormSpec, x, scale, bias, mean, var):
   y, mean, var, stats, *_ = _forward(spec, x, scale, bias, mean, var)
   return y, mean, var, stats
 
 
-def _bn_fwd(spec, x, scale, bias, mean, var):
+def _normalize_fwd(spec, x, scale, bias, mean, var):
   y, mean, var, stats, res, mean_b, rstd_b = _forward(
       spec, x, scale, bias, mean, var)
   res = remat.named(res)
@@ -182,7 +191,7 @@ def _bn_fwd(spec, x, scale, bias, mean, var):
   return (y, mean, var, stats), saved
 
 
-def _bn_bwd(spec, saved, cotangents):
+def _normalize_bwd(spec, saved, cotangents):
   res, mean_b, rstd_b, scale = saved
   gy, gmean, gvar = cotangents[:3]
   g = gy.astype(rstd_b.dtype)
@@ -192,18 +201,22 @@ def _bn_bwd(spec, saved, cotangents):
   else:
     xhat = spec.method.rebuild(spec.op, res).astype(rstd_b.dtype)
   red = spec.reduce
-  axis = spec.op.axis
-  dbias = g.sum(red)
-  dscale = (g * xhat).sum(red)
-  scale_b = _per_channel(scale, g.ndim, axis)
+  dbias = g.sum(spec.param_sum_axes)
+  dscale = (g * xhat).sum(spec.param_sum_axes)
+  scale_b = _per_channel(scale, g.ndim, spec.op.axis)
   if spec.batch_stats:
     # Means over every device: pmean of the local sums, over local counts.
     m = _count(spec)
-    tbias, tscale, tmean, tvar = (
-        _per_channel(t, g.ndim, axis)
-        for t in _pmean(spec, dbias, dscale, gmean, gvar))
-    dx = rstd_b * scale_b * (g - tbias / m - xhat * (tscale / m))
-    dx = dx + tmean / m + xhat * (2.0 * tvar / m) / rstd_b
+    dxhat = g * scale_b
+    s1, s2, tmean, tvar = (
+        jnp.expand_dims(t, red)
+        for t in _pmean(spec, dxhat.sum(red), (dxhat * xhat).sum(red),
+                        gmean, gvar))
+    centre = s1 / m if spec.use_mean else 0.0
+    dx = rstd_b * (dxhat - centre - xhat * (s2 / m))
+    dx = dx + xhat * (2.0 * tvar / m) / rstd_b
+    if spec.use_mean:
+      dx = dx + tmean / m
     dmean = dvar = None
   else:
     dx = g * (rstd_b * scale_b)
@@ -215,34 +228,96 @@ def _bn_bwd(spec, saved, cotangents):
   return dx, dscale, dbias, dmean, dvar
 
 
-_bn.defvjp(_bn_fwd, _bn_bwd)
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def resolve_method(method, where: str = "batch_norm"
-                   ) -> methods_base.Method | None:
-  """The method a BatchNorm saves ``x̂`` with (None: exact).
-
-  Raises:
-    ValueError: for a stateful method.
-  """
-  if method is None or method == EXACT_LABEL:
-    return None
-  method = methods_base.resolve(method)
-  if method.label in EXACT_METHODS:
-    return None
-  if method.stateful:
-    raise ValueError(
-        f"{where}: method {method.label!r} is stateful; a BatchNorm saves "
-        "x̂ with a stateless method (for example 'quant' or 'hosvd'), or "
-        "exactly with method=None.")
-  return method
-
-
-def _check_param(name, v, c, axis, x_shape):
+def _check_param(where, name, v, c, axis, x_shape):
   if v is not None and jnp.shape(v) != (c,):
     raise ValueError(
-        f"batch_norm: {name} must have shape ({c},) (axis {axis} of x with "
+        f"{where}: {name} must have shape ({c},) (axis {axis} of x with "
         f"shape {x_shape}); got {jnp.shape(v)}.")
+
+
+def _axis(where, name, axis, ndim, shape) -> int:
+  if isinstance(axis, bool) or not isinstance(axis, int) or not (
+      -ndim <= axis < ndim):
+    raise ValueError(f"{where}: {name} must be an int in [{-ndim}, {ndim}) "
+                     f"for x with shape {shape}; got {axis!r}.")
+  return axis % ndim
+
+
+def normalization_with_stats(
+    where: str, x, scale, bias, *, axis: int, reduce, use_mean: bool = True,
+    mean=None, var=None, epsilon: float, method: Any = None,
+    axis_name: Any = None, axis_index_groups: Any = None,
+    use_fast_variance: bool = True, dtype: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array, stats_lib.CompressionStats]:
+  """Batch, layer or RMS normalisation through :func:`normalize`.
+
+  Args:
+    where: The public name, for error messages.
+    x: The activation.
+    scale, bias: ``[C]`` on ``axis``, or None.
+    axis: The axis of the affine parameters.
+    reduce: The axes the statistics average over (int or tuple), or None
+      for every axis but ``axis`` (BatchNorm).
+    use_mean: Centre (False: RMS normalisation).
+    mean, var: Fixed statistics (both or neither; BatchNorm's running
+      averages), shaped like the statistics.
+    epsilon, method, axis_name, axis_index_groups, use_fast_variance,
+    dtype: As :func:`batch_norm`.
+
+  Returns:
+    ``(y, mean, var, stats)``.
+  """
+  x = jnp.asarray(x)
+  base.check_float("x", x)
+  if x.ndim < 1:
+    raise ValueError(f"{where}: x must have at least one axis; got a scalar.")
+  axis = _axis(where, "axis", axis, x.ndim, x.shape)
+  if reduce is None:
+    reduce = tuple(a for a in range(x.ndim) if a != axis)
+  else:
+    reduce = (reduce,) if isinstance(reduce, int) else tuple(reduce)
+    reduce = tuple(sorted({_axis(where, "reduction_axes", a, x.ndim, x.shape)
+                           for a in reduce}))
+  c = x.shape[axis]
+  for name, v in (("scale", scale), ("bias", bias)):
+    _check_param(where, name, v, c, axis, x.shape)
+  stat_shape = tuple(d for a, d in enumerate(x.shape) if a not in reduce)
+  for name, v in (("mean", mean), ("var", var)):
+    if v is not None and jnp.shape(v) != stat_shape:
+      raise ValueError(f"{where}: {name} must have shape {stat_shape}; got "
+                       f"{jnp.shape(v)}.")
+  if (mean is None) != (var is None):
+    raise ValueError(f"{where}: give both mean and var (running averages) "
+                     "or neither (batch statistics).")
+  epsilon = methods_base.concrete_number("epsilon", epsilon, where)
+  if not epsilon > 0:
+    raise ValueError(f"{where}: epsilon must be > 0, got {epsilon}.")
+  params = [jnp.asarray(v) for v in (scale, bias) if v is not None]
+  out_dtype = (jnp.dtype(dtype) if dtype is not None
+               else jnp.result_type(x, *params))
+  stat = _stat_dtype(x)
+  scale_ = (jnp.ones((c,), stat) if scale is None else jnp.asarray(scale))
+  bias_ = (jnp.zeros((c,), stat) if bias is None else jnp.asarray(bias))
+  op = NormScale(tuple(x.shape), x.dtype, (c,), scale_.dtype, axis,
+                 base.manual_axis_type(x), base.manual_axis_type(scale_))
+  method = methods_base.resolve_stateless(method, where)
+  if method is not None:
+    method.check_op(op)
+  spec = NormSpec(op, method, epsilon, mean is None, axis_name,
+                  axis_index_groups, bool(use_fast_variance), out_dtype,
+                  reduce, bool(use_mean))
+  if mean is None:
+    mean_in = var_in = jnp.zeros(stat_shape, stat)
+  else:
+    mean_in = lax.stop_gradient(jnp.asarray(mean, stat))
+    var_in = lax.stop_gradient(jnp.asarray(var, stat))
+  y, mean, var, stats = normalize(spec, x, scale_, bias_, mean_in, var_in)
+  if method is not None:
+    method.report(stats)   # e.g. a Tucker method's on_overflow
+  return y, mean, var, stats
 
 
 def batch_norm_with_stats(
@@ -252,44 +327,11 @@ def batch_norm_with_stats(
     use_fast_variance: bool = True, dtype: Any = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, stats_lib.CompressionStats]:
   """:func:`batch_norm`, also returning the residual's statistics."""
-  x = jnp.asarray(x)
-  base.check_float("x", x)
-  if not -x.ndim <= axis < x.ndim or x.ndim < 1:
-    raise ValueError(f"batch_norm: axis must be in [{-x.ndim}, {x.ndim}) "
-                     f"for x with shape {x.shape}; got {axis}.")
-  axis = axis % x.ndim
-  c = x.shape[axis]
-  for name, v in (("scale", scale), ("bias", bias), ("mean", mean),
-                  ("var", var)):
-    _check_param(name, v, c, axis, x.shape)
-  if (mean is None) != (var is None):
-    raise ValueError("batch_norm: give both mean and var (running averages) "
-                     "or neither (batch statistics).")
-  epsilon = methods_base.concrete_number("epsilon", epsilon, "batch_norm")
-  if not epsilon > 0:
-    raise ValueError(f"batch_norm: epsilon must be > 0, got {epsilon}.")
-  params = [jnp.asarray(v) for v in (scale, bias) if v is not None]
-  out_dtype = (jnp.dtype(dtype) if dtype is not None
-               else jnp.result_type(x, *params))
-  stat = _stat_dtype(x)
-  scale_ = (jnp.ones((c,), stat) if scale is None else jnp.asarray(scale))
-  bias_ = (jnp.zeros((c,), stat) if bias is None else jnp.asarray(bias))
-  op = NormScale(tuple(x.shape), x.dtype, (c,), scale_.dtype, axis,
-                 base.manual_axis_type(x), base.manual_axis_type(scale_))
-  method = resolve_method(method)
-  if method is not None:
-    method.check_op(op)
-  spec = _Spec(op, method, epsilon, mean is None, axis_name,
-               axis_index_groups, bool(use_fast_variance), out_dtype)
-  if mean is None:
-    mean_in = var_in = jnp.zeros((c,), stat)
-  else:
-    mean_in = lax.stop_gradient(jnp.asarray(mean, stat))
-    var_in = lax.stop_gradient(jnp.asarray(var, stat))
-  y, mean, var, stats = _bn(spec, x, scale_, bias_, mean_in, var_in)
-  if method is not None:
-    method.report(stats)   # e.g. a Tucker method's on_overflow
-  return y, mean, var, stats
+  return normalization_with_stats(
+      "batch_norm", x, scale, bias, axis=axis, reduce=None, mean=mean,
+      var=var, epsilon=epsilon, method=method, axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      use_fast_variance=use_fast_variance, dtype=dtype)
 
 
 def batch_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None,
@@ -338,13 +380,18 @@ def batch_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None,
       use_fast_variance=use_fast_variance, dtype=dtype)[:3]
 
 
-def _feature_axis(module, ndim: int) -> int:
-  axis = module.axis
+def feature_axis(module, field: str, ndim: int) -> int:
+  """A Flax normalisation module's one feature axis (``field``), >= 0.
+
+  Raises:
+    ValueError: when the field names several axes.
+  """
+  axis = getattr(module, field)
   if isinstance(axis, (tuple, list)):
     if len(axis) != 1:
       raise ValueError(
           f"{type(module).__name__} at {'/'.join(map(str, module.path))!r}: "
-          f"a compressed BatchNorm normalises one feature axis; got axis="
+          f"the compressed normalisation has one feature axis; got {field}="
           f"{axis}.")
     axis = axis[0]
   return axis % ndim
@@ -366,7 +413,7 @@ def linen_call(module: nn.BatchNorm, x, use_running_average: bool,
         f"{'/'.join(map(str, module.path))}: force_float32_reductions=False "
         "is not supported by the compressed BatchNorm.")
   x = jnp.asarray(x)
-  axis = _feature_axis(module, x.ndim)
+  axis = feature_axis(module, "axis", x.ndim)
   c = (x.shape[axis],)
   ra_mean = module.variable("batch_stats", "mean",
                             lambda s: jnp.zeros(s, jnp.float32), c)
@@ -434,6 +481,6 @@ class BatchNorm(nn.BatchNorm):
                        "nn.BatchNorm for masked statistics.")
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    return linen_call(self, x, use_running_average,
-                      resolve_method(self.method, "lowrank_vjp.flax."
-                                     "BatchNorm"), self.collection)
+    method = methods_base.resolve_stateless(self.method,
+                                            "lowrank_vjp.flax.BatchNorm")
+    return linen_call(self, x, use_running_average, method, self.collection)

@@ -230,6 +230,33 @@ def resolve(method: Method | str | Mapping[str, Any] = "hosvd",
   return cls(**settings)
 
 
+EXACT_METHODS = ("none", "checkpoint")
+"""Methods that, asked to keep an activation, keep it exactly."""
+
+
+def resolve_stateless(method, where: str) -> Method | None:
+  """The method a non-contraction layer keeps its activation with.
+
+  For :func:`lowrank_vjp.batch_norm` and
+  :func:`lowrank_vjp.dot_product_attention`: None (or ``"exact"``,
+  ``"none"``, ``"checkpoint"``) means the exact activation.
+
+  Raises:
+    ValueError: for a stateful method, naming ``where``.
+  """
+  if method is None or method == "exact":
+    return None
+  method = resolve(method)
+  if method.label in EXACT_METHODS:
+    return None
+  if method.stateful:
+    raise ValueError(
+        f"{where}: method {method.label!r} is stateful; this layer keeps "
+        "its activation with a stateless method (for example 'quant' or "
+        "'hosvd'), or exactly with method=None.")
+  return method
+
+
 # ------------------------------------------------------------ validation
 
 
