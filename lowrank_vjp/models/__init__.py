@@ -1,5 +1,5 @@
 """Flax (Linen) models: MobileNetV2, ResNet18/34, MCUNet (pretrained-compatible)
-and a GPT-style causal LM.
+a GPT-style causal LM and a ViT.
 
 Module names follow the PyTorch originals (torchvision, MCUNet), so
 ``from_torch`` loads their ``.pth`` state dicts key by key, and module paths
@@ -31,6 +31,7 @@ from lowrank_vjp.models._torch_weights import (
     TorchCheckpointError,
     load_torch_checkpoint,
 )
+from lowrank_vjp.models._vit import ViT
 
 __all__ = (
     "GPT",
@@ -44,6 +45,7 @@ __all__ = (
     "ResNet18",
     "ResNet34",
     "TorchCheckpointError",
+    "ViT",
     "WeightConversionError",
     "default_weights",
     "from_torch",

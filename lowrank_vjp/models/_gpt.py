@@ -22,81 +22,14 @@ same network with Flax's and JAX's own layers.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lowrank_vjp._src import remat as remat_lib
-from lowrank_vjp._src.layers import activations
-from lowrank_vjp._src.layers import attention as attention_lib
 from lowrank_vjp._src.layers import layernorm
-
-_init = nn.initializers.normal(0.02)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Choices:
-  attention: str
-  norm_method: Any
-  activation: str
-  attention_method: Any = None
-
-  def norm(self, name: str) -> nn.Module:
-    if isinstance(self.norm_method, str) and self.norm_method == "flax":
-      return nn.LayerNorm(epsilon=1e-5, name=name)
-    return layernorm.LayerNorm(epsilon=1e-5, method=self.norm_method,
-                               name=name)
-
-  def attend(self, q, k, v):
-    if self.attention == "jax":
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return attention_lib.dot_product_attention(
-        q, k, v, is_causal=True, method=self.attention_method)
-
-  def gelu(self, x):
-    if self.activation == "jax":
-      return jax.nn.gelu(x, approximate=True)
-    return activations.gelu(x, approximate=True)
-
-
-class _Block(nn.Module):
-  n_head: int
-  choices: _Choices
-
-  @nn.compact
-  def __call__(self, x):
-    h = self.choices.norm("ln_1")(x)
-    x = x + _Attention(self.n_head, self.choices, name="attn")(h)
-    h = self.choices.norm("ln_2")(x)
-    x = x + _Mlp(self.choices, name="mlp")(h)
-    return x
-
-
-class _Attention(nn.Module):
-  n_head: int
-  choices: _Choices
-
-  @nn.compact
-  def __call__(self, x):
-    b, t, c = x.shape
-    qkv = nn.Dense(3 * c, kernel_init=_init, name="c_attn")(x)
-    q, k, v = jnp.split(qkv.reshape(b, t, 3, self.n_head, c // self.n_head),
-                        3, axis=2)
-    y = self.choices.attend(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    return nn.Dense(c, kernel_init=_init, name="c_proj")(y.reshape(b, t, c))
-
-
-class _Mlp(nn.Module):
-  choices: _Choices
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    h = self.choices.gelu(nn.Dense(4 * c, kernel_init=_init, name="c_fc")(x))
-    return nn.Dense(c, kernel_init=_init, name="c_proj")(h)
+from lowrank_vjp.models import _transformer
 
 
 class GPT(nn.Module):
@@ -144,12 +77,10 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """``[B, T]`` int tokens to ``[B, T, vocab_size]`` logits."""
-    if self.attention not in ("blockwise", "jax"):
-      raise ValueError(f"GPT: attention must be 'blockwise' or 'jax'; got "
-                       f"{self.attention!r}.")
-    if self.activation not in ("coded", "jax"):
-      raise ValueError(f"GPT: activation must be 'coded' or 'jax'; got "
-                       f"{self.activation!r}.")
+    choices = _transformer.Choices(self.attention, self.norm_method,
+                                   self.activation, self.attention_method,
+                                   causal=True)
+    choices.check("GPT")
     if self.n_embd % self.n_head:
       raise ValueError(f"GPT: n_embd ({self.n_embd}) must be a multiple of "
                        f"n_head ({self.n_head}).")
@@ -157,21 +88,12 @@ class GPT(nn.Module):
     if t > self.block_size:
       raise ValueError(f"GPT: sequence of {t} tokens is longer than "
                        f"block_size={self.block_size}.")
-    choices = _Choices(self.attention, self.norm_method, self.activation,
-                       self.attention_method)
-    wte = nn.Embed(self.vocab_size, self.n_embd, embedding_init=_init,
-                   name="wte")
-    pos = nn.Embed(self.block_size, self.n_embd, embedding_init=_init,
-                   name="wpe")(jnp.arange(t))
+    wte = nn.Embed(self.vocab_size, self.n_embd,
+                   embedding_init=_transformer.INIT, name="wte")
+    pos = nn.Embed(self.block_size, self.n_embd,
+                   embedding_init=_transformer.INIT, name="wpe")(jnp.arange(t))
     x = wte(tokens) + pos[None]
-    if self.remat not in (None, "full", "compressed"):
-      raise ValueError(f"GPT: remat must be None, 'full' or 'compressed'; "
-                       f"got {self.remat!r}.")
-    block = _Block
-    if self.remat == "full":
-      block = nn.remat(_Block)
-    elif self.remat == "compressed":
-      block = nn.remat(_Block, policy=remat_lib.save_compressed_residuals())
+    block = _transformer.block_class(self.remat, "GPT")
     for i in range(self.n_layer):
       x = block(self.n_head, choices, name=f"h_{i}")(x)
     x = choices.norm("ln_f")(x)

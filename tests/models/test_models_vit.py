@@ -1,0 +1,63 @@
+"""lowrank_vjp.models.ViT: a small-image Vision Transformer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowrank_vjp as lv
+import lowrank_vjp.rules as lvr
+from lowrank_vjp import models
+
+KW = dict(num_classes=5, width=24, depth=2, heads=3)
+IMAGES = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+
+
+def _grads(model, params):
+  def loss(p):
+    logits, _ = model.apply({"params": p}, IMAGES, mutable=["compression"])
+    return jnp.sum(jnp.sin(logits)), logits
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      params)
+  return logits, grads
+
+
+def test_exact_neighbours_equal_the_vanilla_model():
+  vanilla = models.ViT.vanilla(**KW)
+  params = vanilla.init(jax.random.PRNGKey(1), IMAGES)["params"]
+  params = jax.tree.map(   # a non-zero head, so that every gradient flows
+      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+      params)
+  y0, g0 = _grads(vanilla, params)
+  y1, g1 = _grads(models.ViT(norm_method=None, activation="jax", **KW),
+                  params)
+  assert y0.shape == (2, 5)
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_widths_paths_and_rules():
+  assert (models.ViT.tiny().width, models.ViT.tiny().heads) == (192, 3)
+  assert (models.ViT.small().width, models.ViT.small().heads) == (384, 6)
+  model = models.ViT(**KW)
+  paths = {l.path for l in lvr.discover(model, IMAGES)}
+  for p in ("patch_embed", "blocks_0/ln_1", "blocks_0/attn/c_attn",
+            "blocks_1/mlp/c_fc", "ln_f", "head"):
+    assert p in paths, sorted(paths)
+  plan = lvr.plan(model, [lvr.Rule("patch_embed", "hosvd"),
+                          lvr.Rule(r".*/(c_attn|c_fc|c_proj)", "quant"),
+                          lvr.Rule(".*")], IMAGES)
+  assert len(plan.compressed) == 1 + 2 * 4
+
+
+def test_bad_settings_are_named():
+  with pytest.raises(ValueError, match="multiples of patch_size"):
+    models.ViT(**KW).init(jax.random.PRNGKey(0), IMAGES[:, :15])
+  with pytest.raises(ValueError, match="multiple of heads"):
+    models.ViT(**{**KW, "width": 25}).init(jax.random.PRNGKey(0), IMAGES)
+  with pytest.raises(ValueError, match="activation must be"):
+    models.ViT(activation="relu", **KW).init(jax.random.PRNGKey(0), IMAGES)
