@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
         "compiles": {n: len(f.tried) for n, f in found.items()}})
     save()
   save(partial=False)
-  log(f"wrote {args.out}/peak_memory.{{json,md}} and peak_vs_batch.png")
+  log(f"wrote {args.out}/peak_memory.{{json,md}}"
+      + ("" if args.no_cnn else " and peak_vs_batch.png"))
   return result
 
 

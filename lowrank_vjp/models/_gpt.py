@@ -22,17 +22,14 @@ same network with Flax's and JAX's own layers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lowrank_vjp._src.layers import layernorm
 from lowrank_vjp.models import _transformer
 
 
-class GPT(nn.Module):
+class GPT(_transformer.Neighbours):
   """nanoGPT's decoder: token and position embeddings, pre-LN blocks, tied
   output head.
 
@@ -40,15 +37,9 @@ class GPT(nn.Module):
     vocab_size: Tokens.
     block_size: Longest sequence.
     n_layer, n_head, n_embd: Depth, heads, width.
-    attention: ``"blockwise"`` or ``"jax"`` (see the module docstring).
-    norm_method: What the LayerNorms keep, or ``"flax"``.
-    activation: ``"coded"`` or ``"jax"``.
-    attention_method: What the blockwise attention keeps of ``q``, ``k``,
-      ``v`` (None: themselves, exact; or a stateless method).
-    remat: None; ``"full"``: each block under ``nn.remat`` (its backward
-      recomputes everything from the block's input); ``"compressed"``: under
-      ``nn.remat`` with :func:`lowrank_vjp.save_compressed_residuals`
-      (recomputes all but the library's residuals).
+    attention, norm_method, activation, attention_method, remat: Which
+      neighbours the blocks run (:class:`_transformer.Neighbours`; see the
+      module docstring).
 
   Example::
 
@@ -62,25 +53,11 @@ class GPT(nn.Module):
   n_layer: int = 4
   n_head: int = 4
   n_embd: int = 256
-  attention: str = "blockwise"
-  norm_method: Any = layernorm.DEFAULT_METHOD
-  activation: str = "coded"
-  remat: str | None = None
-  attention_method: Any = None
-
-  @classmethod
-  def vanilla(cls, **kwargs) -> GPT:
-    """The same network with Flax's and JAX's own layers."""
-    return cls(attention="jax", norm_method="flax", activation="jax",
-               **kwargs)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """``[B, T]`` int tokens to ``[B, T, vocab_size]`` logits."""
-    choices = _transformer.Choices(self.attention, self.norm_method,
-                                   self.activation, self.attention_method,
-                                   causal=True)
-    choices.check("GPT")
+    choices = self.choices(causal=True)
     if self.n_embd % self.n_head:
       raise ValueError(f"GPT: n_embd ({self.n_embd}) must be a multiple of "
                        f"n_head ({self.n_head}).")

@@ -110,3 +110,39 @@ def block_class(remat: str | None, owner: str):
     return nn.remat(Block, policy=remat_lib.save_compressed_residuals())
   raise ValueError(f"{owner}: remat must be None, 'full' or 'compressed'; "
                    f"got {remat!r}.")
+
+
+class Neighbours(nn.Module):
+  """The fields GPT and ViT share: which neighbours their blocks run.
+
+  Attributes:
+    attention: ``"blockwise"`` (:func:`lowrank_vjp.dot_product_attention`)
+      or ``"jax"``.
+    norm_method: What :class:`lowrank_vjp.flax.LayerNorm` keeps of ``x̂``
+      (default 8-bit codes; None exact), or ``"flax"`` for ``nn.LayerNorm``.
+    activation: ``"coded"`` (:func:`lowrank_vjp.gelu`) or ``"jax"``.
+    attention_method: What the blockwise attention keeps of ``q``, ``k``,
+      ``v`` (None: themselves, exact; or a stateless method).
+    remat: None; ``"full"``: each block under ``nn.remat`` (its backward
+      recomputes everything from the block's input); ``"compressed"``: under
+      ``nn.remat`` with :func:`lowrank_vjp.save_compressed_residuals`.
+  """
+
+  attention: str = "blockwise"
+  norm_method: Any = layernorm.DEFAULT_METHOD
+  activation: str = "coded"
+  attention_method: Any = None
+  remat: str | None = None
+
+  @classmethod
+  def vanilla(cls, **kwargs):
+    """The same network with Flax's and JAX's own layers."""
+    return cls(attention="jax", norm_method="flax", activation="jax",
+               **kwargs)
+
+  def choices(self, *, causal: bool) -> Choices:
+    """The checked :class:`Choices` of these fields."""
+    choices = Choices(self.attention, self.norm_method, self.activation,
+                      self.attention_method, causal)
+    choices.check(type(self).__name__)
+    return choices

@@ -12,17 +12,14 @@ have ViT-Ti/S widths (192 and 384, 3 and 6 heads, 12 blocks; fewer with
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lowrank_vjp._src.layers import layernorm
 from lowrank_vjp.models import _transformer
 
 
-class ViT(nn.Module):
+class ViT(_transformer.Neighbours):
   """ViT classifier of ``[N, H, W, C]`` images.
 
   Attributes:
@@ -31,7 +28,8 @@ class ViT(nn.Module):
     width, depth, heads: Embedding width, blocks, attention heads.
     mlp_ratio: MLP hidden width over ``width``.
     attention, norm_method, activation, attention_method, remat: As
-      :class:`lowrank_vjp.models.GPT` (attention is not causal here).
+      :class:`lowrank_vjp.models.GPT` (:class:`_transformer.Neighbours`;
+      attention is not causal here).
 
   Example::
 
@@ -45,11 +43,6 @@ class ViT(nn.Module):
   depth: int = 12
   heads: int = 3
   mlp_ratio: int = 4
-  attention: str = "blockwise"
-  norm_method: Any = layernorm.DEFAULT_METHOD
-  activation: str = "coded"
-  attention_method: Any = None
-  remat: str | None = None
 
   @classmethod
   def tiny(cls, **kwargs) -> ViT:
@@ -61,19 +54,11 @@ class ViT(nn.Module):
     """ViT-S widths: 384 wide, 6 heads (12 blocks unless ``depth=``)."""
     return cls(**{"width": 384, "heads": 6, **kwargs})
 
-  @classmethod
-  def vanilla(cls, **kwargs) -> ViT:
-    """The same network with Flax's and JAX's own layers."""
-    return cls(attention="jax", norm_method="flax", activation="jax",
-               **kwargs)
-
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     """``[N, H, W, C]`` images to ``[N, num_classes]`` logits."""
     del train  # no dropout or batch statistics
-    choices = _transformer.Choices(self.attention, self.norm_method,
-                                   self.activation, self.attention_method)
-    choices.check("ViT")
+    choices = self.choices(causal=False)
     if self.width % self.heads:
       raise ValueError(f"ViT: width ({self.width}) must be a multiple of "
                        f"heads ({self.heads}).")

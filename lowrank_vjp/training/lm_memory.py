@@ -141,12 +141,5 @@ def page(result: dict) -> str:
     lines.append("")
   for table in result.get("max_batch", []):
     lines += [f"## Largest batch under {table['budget_bytes'] / MiB:.0f} MiB",
-              "", "| configuration | batch | its peak MiB | batch / "
-              "vanilla's |", "|---|---|---|---|"]
-    base = table["batch"].get("vanilla")
-    for name, b in table["batch"].items():
-      ratio = "" if not base else f"{b / base:.2f}×"
-      lines.append(f"| {name} | {b} | {table['peak_bytes'][name] / MiB:.1f}"
-                   f" | {ratio} |")
-    lines.append("")
+              ""] + peak_memory.batch_rows(table, "configuration") + [""]
   return "\n".join(lines)

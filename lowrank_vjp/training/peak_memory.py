@@ -207,6 +207,21 @@ def peak_rows(peak_bytes: dict[str, int], label: str) -> list[str]:
   return lines
 
 
+def batch_rows(table: dict, label: str) -> list[str]:
+  """A Markdown table of largest batches (with compiles when recorded)."""
+  compiles = table.get("compiles")
+  extra = (" compiles |", "---|") if compiles else ("", "")
+  lines = [f"| {label} | batch | its peak MiB | batch / vanilla's |"
+           + extra[0], "|---|---|---|---|" + extra[1]]
+  base = table["batch"].get("vanilla")
+  for name, batch in table["batch"].items():
+    ratio = "" if not base else f"{batch / base:.2f}×"
+    row = (f"| {name} | {batch} | {table['peak_bytes'][name] / MiB:.1f} | "
+           f"{ratio} |")
+    lines.append(row + (f" {compiles[name]} |" if compiles else ""))
+  return lines
+
+
 def page(result: dict) -> str:
   """docs/benchmarks/peak_memory.md from a result of experiments/peak_memory.py.
 
@@ -246,14 +261,7 @@ def page(result: dict) -> str:
   for table in result["max_batch"]:
     budget = table["budget_bytes"] / MiB
     lines += [f"## Largest batch under {budget:.0f} MiB: {table['setting']}",
-              "", "| method | batch | its peak MiB | batch / vanilla's | "
-              "compiles |", "|---|---|---|---|---|"]
-    base = table["batch"].get("vanilla")
-    for name, batch in table["batch"].items():
-      ratio = "" if not base else f"{batch / base:.2f}×"
-      lines.append(f"| {name} | {batch} | "
-                   f"{table['peak_bytes'][name] / MiB:.1f} | {ratio} | "
-                   f"{table['compiles'][name]} |")
+              ""] + batch_rows(table, "method")
     tol = table.get("tolerance", 0.0)
     if tol:
       lines += ["", f"Bisection stopped within {tol:.0%} of the largest "

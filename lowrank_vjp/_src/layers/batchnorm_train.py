@@ -208,10 +208,12 @@ def _normalize_bwd(spec, saved, cotangents):
     # Means over every device: pmean of the local sums, over local counts.
     m = _count(spec)
     dxhat = g * scale_b
-    s1, s2, tmean, tvar = (
-        jnp.expand_dims(t, red)
-        for t in _pmean(spec, dxhat.sum(red), (dxhat * xhat).sum(red),
-                        gmean, gvar))
+    if red == spec.param_sum_axes:   # BatchNorm: the same sums, scaled
+      sums = (scale * dbias, scale * dscale)
+    else:
+      sums = (dxhat.sum(red), (dxhat * xhat).sum(red))
+    s1, s2, tmean, tvar = (jnp.expand_dims(t, red)
+                           for t in _pmean(spec, *sums, gmean, gvar))
     centre = s1 / m if spec.use_mean else 0.0
     dx = rstd_b * (dxhat - centre - xhat * (s2 / m))
     dx = dx + xhat * (2.0 * tvar / m) / rstd_b

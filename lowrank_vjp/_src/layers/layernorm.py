@@ -149,6 +149,10 @@ class RMSNorm(nn.RMSNorm):
   Attributes:
     method: As :class:`LayerNorm`.
     collection: Where the statistics are sown.
+
+  Example::
+
+    x = lv.flax.RMSNorm(name="norm")(x)         # instead of nn.RMSNorm
   """
 
   method: Any = DEFAULT_METHOD
