@@ -25,6 +25,18 @@ Usage:
       --method hosvd,svd,vanilla --eps 0.9 --layers 2 --steps 500
   python experiments/train.py --dataset sklearn_digits --steps 2 \\
       --batch-size 4 --image-size 32 --workdir /tmp/smoke
+  python experiments/train.py --model gpt_small \\
+      --method vanilla,checkpoint,hosvd --steps 300 --eval-every 50
+  python experiments/train.py --model vit_tiny --method vanilla,hosvd
+
+The transformers (``gpt_small``: 4 blocks of width 256 on the Python
+standard library's sources as bytes, ``lowrank_vjp.training.text``;
+``vit_tiny``: ViT-Ti widths on Fashion-MNIST or digits at 28 px) train from
+scratch, every block's dense layers through the run's method and, for every
+method but vanilla and checkpoint, the library's attention, LayerNorm and
+GELU; ``checkpoint`` is vanilla with each block under ``nn.remat``. Flags a
+model sets defaults for (its ``ModelSpec.defaults``: Adam, layers ``all``,
+…) show ``None`` in ``--help``.
 """
 
 from __future__ import annotations
@@ -56,7 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
       description=__doc__.splitlines()[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", default=D.model, choices=sorted(models.MODELS))
-  p.add_argument("--weights", default=D.weights,
+  p.add_argument("--model-kwargs", default=D.model_kwargs,
+                 help="JSON of further fields for the model, e.g. "
+                 "'{\"depth\": 4}' (vit_tiny) or '{\"n_layer\": 8}' "
+                 "(gpt_small)")
+  p.add_argument("--weights", default=None,
                  help="ImageNet .pth file; 'auto': the offline file if the "
                  "model has one (else random init, with a warning); 'none'")
   p.add_argument("--method", default=D.method,
@@ -67,32 +83,54 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--method-kwargs", default=D.method_kwargs,
                  help="JSON of further settings for the compressed layers, "
                  "passed through to lowrank_vjp.flax.conv_cls")
-  p.add_argument("--layers", default=D.layers,
-                 help="k (fine-tune the last k conv layers, counted as the "
-                 "papers do) or a regex of module paths")
+  p.add_argument("--layers", default=None,
+                 help=f"k (fine-tune the last k conv layers, counted as the "
+                 f"papers do; a transformer's last k blocks), 'all' "
+                 f"(transformers) or a regex of module paths [{D.layers}]")
   p.add_argument("--train-bn", action="store_true",
                  help="train the BatchNorms of the fine-tuned layers (batch "
                  "statistics); frozen by default, as in the papers")
-  p.add_argument("--dataset", default=D.dataset,
+  p.add_argument("--dataset", default=None,
                  help="'auto' (debian_fashion_mnist if installed, else "
-                 "sklearn_digits), one of those two, or any tfds dataset "
-                 "prepared in --data-dir")
+                 "sklearn_digits), one of those two, python_stdlib_text "
+                 "(gpt_small's), or any tfds dataset prepared in --data-dir "
+                 f"[{D.dataset}]")
   p.add_argument("--data-dir", default=D.data_dir, help="tfds data directory")
   p.add_argument("--steps", type=int, default=D.steps)
-  p.add_argument("--batch-size", type=int, default=D.batch_size)
-  p.add_argument("--image-size", type=int, default=D.image_size)
-  p.add_argument("--optimizer", default=D.optimizer, choices=("sgd", "adam"))
-  p.add_argument("--lr", type=float, default=D.lr,
-                 help="peak learning rate of the cosine schedule")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help=f"[{D.batch_size}]")
+  p.add_argument("--image-size", type=int, default=None,
+                 help=f"[{D.image_size}]")
+  p.add_argument("--seq-len", type=int, default=D.seq_len,
+                 help="tokens per example (language models)")
+  p.add_argument("--scan", action="store_true",
+                 help="transformers: run the blocks as one nn.scan (one "
+                 "compiled block; needs --layers all)")
+  p.add_argument("--optimizer", default=None, choices=("sgd", "adam"),
+                 help=f"[{D.optimizer}]")
+  p.add_argument("--lr", type=float, default=None,
+                 help=f"peak learning rate of the cosine schedule [{D.lr}]")
   p.add_argument("--momentum", type=float, default=D.momentum)
-  p.add_argument("--weight-decay", type=float, default=D.weight_decay)
-  p.add_argument("--warmup-steps", type=int, default=D.warmup_steps)
+  p.add_argument("--weight-decay", type=float, default=None,
+                 help=f"[{D.weight_decay}]")
+  p.add_argument("--warmup-steps", type=int, default=None,
+                 help=f"[{D.warmup_steps}]")
   p.add_argument("--clip-grad-norm", type=float, default=D.clip_grad_norm,
                  help="clip gradients to this global norm, as the "
                  "gradient-filter configs do (0: off)")
-  p.add_argument("--eval-examples", type=int, default=D.eval_examples,
-                 help="test examples evaluated at the end (0: all)")
+  p.add_argument("--eval-examples", type=int, default=None,
+                 help=f"test examples evaluated at the end (0: all) "
+                 f"[{D.eval_examples}]")
   p.add_argument("--eval-batch-size", type=int, default=D.eval_batch_size)
+  p.add_argument("--eval-every", type=int, default=D.eval_every,
+                 help="also evaluate every this many steps, for the "
+                 "validation-loss plot (0: at the end only)")
+  p.add_argument("--max-batch-budget-mib", type=float,
+                 default=D.max_batch_budget_mib,
+                 help="report the largest batch whose step (as it ran: "
+                 "donated, at its final capacities) fits this many MiB of "
+                 "XLA's estimated peak (0: not searched; compiles ~10 "
+                 "programs per run)")
   p.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every)
   p.add_argument("--rank-control", default=D.rank_control,
                  choices=("redo", "off"),
@@ -118,16 +156,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> list[dict]:
-  config = training.TrainConfig(**vars(parse_args(argv)))
+  config = training.TrainConfig.from_flags(vars(parse_args(argv)))
   t0 = time.perf_counter()
   if config.dataset == "auto":
     config = config.replace(dataset=training.default_dataset())
-  splits = training.load(config.dataset, config.data_dir)
+  tokens = models.get_spec(config.model).inputs == "tokens"
+  if config.dataset == training.text.CORPUS:
+    splits = training.text.load(config.data_dir, config.seq_len)
+    print(f"dataset {config.dataset} (Python "
+          f"{training.text.config_name()[2:].replace('_', '.')} sources): "
+          f"{splits['train'].tokens:,} train and {splits['test'].tokens:,} "
+          f"validation bytes")
+  elif tokens:
+    raise SystemExit(f"--model {config.model} reads text: --dataset must be "
+                     f"{training.text.CORPUS}")
+  else:
+    splits = training.load(config.dataset, config.data_dir)
+  size = (f"{config.seq_len} tokens" if tokens
+          else f"{config.image_size}x{config.image_size}")
   print(f"dataset {config.dataset}: {len(splits['train'])} train, "
         f"{len(splits['test'])} test examples, "
         f"{splits['train'].num_classes} classes; model {config.model} at "
-        f"{config.image_size}x{config.image_size}, batch {config.batch_size}, "
-        f"{config.steps} steps; JAX on {jax.devices()[0].device_kind}")
+        f"{size}, batch {config.batch_size}, {config.steps} steps; JAX on "
+        f"{jax.devices()[0].device_kind}")
   names = training.run_names(config.method)
   reports, run_dirs = [], {}
   for method in names:
@@ -144,13 +195,16 @@ def main(argv=None) -> list[dict]:
       json.dump({"runs": reports, "table": table}, f, indent=1)
   pngs = training.plot_runs(reports, config.workdir, run_dirs)
   print()
-  which = (f"last {config.layers} conv layers" if config.layers.isdigit()
+  unit = "blocks" if models.get_spec(config.model).blocks else "conv layers"
+  which = (f"last {config.layers} {unit}" if config.layers.isdigit()
+           else "everything" if config.layers == "all"
            else f"layers matching {config.layers!r}")
   print(f"{config.model}, {which}, {config.dataset}, "
-        f"{config.steps} steps of batch {config.batch_size} at "
-        f"{config.image_size}px; activation memory: the papers' analytic "
-        "count of what the fine-tuned conv layers save (MiB); XLA temp: the "
-        f"whole compiled step on {reports[0]['xla_device']}")
+        f"{config.steps} steps of batch {config.batch_size} at {size}; "
+        "activation memory: the papers' analytic count of what the "
+        "compressed layers save (MiB); XLA peak: the whole compiled step as "
+        f"it ran (donated), on {reports[0]['xla_device']}; x first: step "
+        "time over the first run's")
   print(table)
   print(f"wrote {os.path.join(config.workdir, 'report.json')}"
         + "".join(f", {p}" for p in pngs)

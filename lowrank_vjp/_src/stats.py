@@ -32,6 +32,11 @@ class CompressionStats:
     method: The compression method.
     itemsize: Bytes per element of the activation.
     residual_nbytes: Bytes the saved residual occupies (capacity-sized).
+
+  Stats of several calls of one layer (a layer called twice, or a layer
+  inside ``nn.scan``, whose stats are stacked along leading axes) hold one
+  row of ranks per call; the byte counts (:attr:`activation_nbytes`,
+  ``residual_nbytes``) are per call, :attr:`calls` says how many.
   """
 
   needed_ranks: jax.Array
@@ -46,6 +51,13 @@ class CompressionStats:
   residual_nbytes: int = dataclasses.field(metadata=dict(static=True))
 
   @property
+  def calls(self) -> int:
+    """Calls these stats cover: rows of ``needed_ranks`` (1 unless stacked).
+    """
+    return max(1, math.prod(np.shape(self.needed_ranks)) // max(
+        1, len(self.shape)))
+
+  @property
   def activation_nbytes(self) -> int:
     """Bytes of the uncompressed activation (what vanilla backprop saves)."""
     return math.prod(self.shape) * self.itemsize
@@ -57,10 +69,11 @@ class CompressionStats:
     dynamic-shape implementation would hold. Needs concrete (not traced)
     statistics. A layer without ranks (vanilla, gradient filter, K-bit
     codes, checkpointing) saves a residual whose size the shape fixes: its
-    count is ``residual_nbytes``.
+    count is ``residual_nbytes``. Stacked stats (:attr:`calls` > 1) count
+    every call: each keeps its own residual.
     """
     if all(c is None for c in self.capacity):
-      return self.residual_nbytes
+      return self.residual_nbytes * self.calls
     ranks = np.asarray(jax.device_get(self.needed_ranks)).reshape(
         -1, len(self.shape))
     counts = []
@@ -69,7 +82,7 @@ class CompressionStats:
       n += sum(i * int(k) for i, k, cap in zip(self.shape, row, self.capacity)
                if cap is not None)
       counts.append(n * self.itemsize)
-    return int(max(counts))
+    return int(sum(counts))
 
 
 def uncompressed(shape, dtype, method: str, nbytes: int | None = None

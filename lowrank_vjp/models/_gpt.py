@@ -37,9 +37,10 @@ class GPT(_transformer.Neighbours):
     vocab_size: Tokens.
     block_size: Longest sequence.
     n_layer, n_head, n_embd: Depth, heads, width.
-    attention, norm_method, activation, attention_method, remat: Which
-      neighbours the blocks run (:class:`_transformer.Neighbours`; see the
-      module docstring).
+    attention, norm_method, activation, attention_method, remat, scan: Which
+      neighbours the blocks run, and whether as one ``nn.scan`` (paths
+      ``h/...``) (:class:`_transformer.Neighbours`; see the module
+      docstring).
 
   Example::
 
@@ -55,8 +56,13 @@ class GPT(_transformer.Neighbours):
   n_embd: int = 256
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """``[B, T]`` int tokens to ``[B, T, vocab_size]`` logits."""
+  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    """``[B, T]`` int tokens to ``[B, T, vocab_size]`` logits.
+
+    ``train`` is accepted for the training loop's sake and changes nothing
+    (no dropout).
+    """
+    del train
     choices = self.choices(causal=True)
     if self.n_embd % self.n_head:
       raise ValueError(f"GPT: n_embd ({self.n_embd}) must be a multiple of "
@@ -70,8 +76,6 @@ class GPT(_transformer.Neighbours):
     pos = nn.Embed(self.block_size, self.n_embd,
                    embedding_init=_transformer.INIT, name="wpe")(jnp.arange(t))
     x = wte(tokens) + pos[None]
-    block = _transformer.block_class(self.remat, "GPT")
-    for i in range(self.n_layer):
-      x = block(self.n_head, choices, name=f"h_{i}")(x)
+    x = self.run_blocks(x, self.n_layer, "h", self.n_head, choices)
     x = choices.norm("ln_f")(x)
     return wte.attend(x)

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,10 +16,12 @@ from flax import traverse_util
 
 from lowrank_vjp.models import (
   _convert,
+  _gpt,
   _mcunet,
   _mobilenet_v2,
   _resnet,
   _torch_weights,
+  _vit,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,14 +46,47 @@ class ModelSpec:
       ``downsample`` 1×1 convolutions, which stay frozen), or None.
     resolution: The input resolution the ImageNet weights were trained at.
     weights: Where ImageNet weights come from, in words.
+    inputs: ``"images"`` (``[N, H, W, 3]``) or ``"tokens"`` (``[N, T]``
+      ints; ``resolution`` is then the sequence length).
+    blocks: Name prefix of the transformer blocks (``"h_"``: ``h_0``,
+      ``h_1``, …), whose dense layers train.py compresses; None for CNNs.
+    defaults: ``(field, value)`` pairs of
+      :class:`lowrank_vjp.training.TrainConfig` that train.py uses for this
+      model where a flag is not given.
   """
 
   name: str
   build: Callable[..., nn.Module]
-  head: str
+  head: str | None
   exclude: str | None
   resolution: int
   weights: str
+  inputs: str = "images"
+  blocks: str | None = None
+  defaults: tuple[tuple[str, Any], ...] = ()
+
+  def example(self, batch: int, size: int) -> jax.ShapeDtypeStruct:
+    """The model's input: ``float32[batch, size, size, 3]`` images, or
+    ``int32[batch, size]`` tokens."""
+    if self.inputs == "tokens":
+      return jax.ShapeDtypeStruct((batch, size), jnp.int32)
+    return jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+
+
+def _gpt_small(num_classes: int = 256, **kwargs) -> _gpt.GPT:
+  """GPT with 4 blocks, width 256, 4 heads; ``num_classes`` is the vocab."""
+  return _gpt.GPT(**{"vocab_size": num_classes, "n_layer": 4, "n_head": 4,
+                     "n_embd": 256, **kwargs})
+
+
+def _vit_tiny(num_classes: int = 10, **kwargs) -> _vit.ViT:
+  """ViT-Ti widths (192 wide, 3 heads, 12 blocks), patches of 4 pixels."""
+  return _vit.ViT.tiny(num_classes=num_classes, **kwargs)
+
+
+_TRANSFORMER_DEFAULTS = (("layers", "all"), ("weights", "none"),
+                         ("optimizer", "adam"), ("lr", 1e-3),
+                         ("warmup_steps", 20), ("weight_decay", 0.01))
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -66,6 +102,17 @@ MODELS: dict[str, ModelSpec] = {
         "resnet34", _resnet.ResNet34, "fc", r".*/downsample/0", 224,
         "torchvision's resnet34-b627a593.pth (pass --weights; no offline "
         "copy)"),
+    "gpt_small": ModelSpec(
+        "gpt_small", _gpt_small, None, None, 128, "none (trained from "
+        "scratch)", inputs="tokens", blocks="h_",
+        defaults=_TRANSFORMER_DEFAULTS + (("dataset", "python_stdlib_text"),
+                                          ("batch_size", 16),
+                                          ("eval_examples", 512))),
+    "vit_tiny": ModelSpec(
+        "vit_tiny", _vit_tiny, "head", None, 28, "none (trained from "
+        "scratch)", blocks="blocks_",
+        defaults=_TRANSFORMER_DEFAULTS + (("image_size", 28),
+                                          ("batch_size", 64))),
     "mcunet": ModelSpec(
         "mcunet", _mcunet.MCUNet, "classifier/linear", None,
         _mcunet.MCUNET_5FPS_RESOLUTION,

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_vjp._src import remat as remat_lib
-from lowrank_vjp._src.layers import activations
+from lowrank_vjp._src.layers import activations, layernorm
 from lowrank_vjp._src.layers import attention as attention_lib
-from lowrank_vjp._src.layers import layernorm
 
 INIT = nn.initializers.normal(0.02)
 """Weight initialiser of the dense layers and embeddings (GPT-2's)."""
@@ -100,14 +99,27 @@ class _Mlp(nn.Module):
     return nn.Dense(c, kernel_init=INIT, name="c_proj")(self.choices.gelu(h))
 
 
-def block_class(remat: str | None, owner: str):
-  """:class:`Block`, or it under ``nn.remat`` (``"full"``, ``"compressed"``)."""
+class ScanBlock(Block):
+  """:class:`Block` as an ``nn.scan`` body: ``(x, None) -> (block(x), None)``.
+  """
+
+  def __call__(self, x, _):  # pylint: disable=arguments-differ
+    return super().__call__(x), None
+
+
+SCAN_AXES = {"params": 0, "compression": 0}
+"""``variable_axes`` of a scanned stack: parameters and the statistics that
+:mod:`lowrank_vjp.flax` layers sow are stacked along a leading layer axis."""
+
+
+def block_class(remat: str | None, owner: str, base: type[Block] = Block):
+  """``base``, or it under ``nn.remat`` (``"full"``, ``"compressed"``)."""
   if remat is None:
-    return Block
+    return base
   if remat == "full":
-    return nn.remat(Block)
+    return nn.remat(base)
   if remat == "compressed":
-    return nn.remat(Block, policy=remat_lib.save_compressed_residuals())
+    return nn.remat(base, policy=remat_lib.save_compressed_residuals())
   raise ValueError(f"{owner}: remat must be None, 'full' or 'compressed'; "
                    f"got {remat!r}.")
 
@@ -126,6 +138,10 @@ class Neighbours(nn.Module):
     remat: None; ``"full"``: each block under ``nn.remat`` (its backward
       recomputes everything from the block's input); ``"compressed"``: under
       ``nn.remat`` with :func:`lowrank_vjp.save_compressed_residuals`.
+    scan: Run the blocks as one ``nn.scan`` (one compiled block, parameters
+      stacked along a leading axis, module paths ``h/attn/c_attn`` instead
+      of ``h_0/attn/c_attn``; the layers' statistics are stacked the same
+      way, :data:`SCAN_AXES`, and a rank controller reads their maximum).
   """
 
   attention: str = "blockwise"
@@ -133,6 +149,7 @@ class Neighbours(nn.Module):
   activation: str = "coded"
   attention_method: Any = None
   remat: str | None = None
+  scan: bool = False
 
   @classmethod
   def vanilla(cls, **kwargs):
@@ -146,3 +163,18 @@ class Neighbours(nn.Module):
                       self.attention_method, causal)
     choices.check(type(self).__name__)
     return choices
+
+  def run_blocks(self, x, n: int, name: str, *args):
+    """``n`` blocks ``Block(*args)`` on ``x``: modules ``{name}_{i}``, or one
+    ``nn.scan`` named ``name`` when :attr:`scan` is set."""
+    owner = type(self).__name__
+    if not self.scan:
+      block = block_class(self.remat, owner)
+      for i in range(n):
+        x = block(*args, name=f"{name}_{i}")(x)
+      return x
+    stack = nn.scan(block_class(self.remat, owner, ScanBlock),
+                    variable_axes=SCAN_AXES, split_rngs={"params": True},
+                    length=n)
+    x, _ = stack(*args, name=name)(x, None)
+    return x

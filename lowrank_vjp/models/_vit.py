@@ -27,7 +27,7 @@ class ViT(_transformer.Neighbours):
     patch_size: Side of a patch (``H`` and ``W`` must be multiples).
     width, depth, heads: Embedding width, blocks, attention heads.
     mlp_ratio: MLP hidden width over ``width``.
-    attention, norm_method, activation, attention_method, remat: As
+    attention, norm_method, activation, attention_method, remat, scan: As
       :class:`lowrank_vjp.models.GPT` (:class:`_transformer.Neighbours`;
       attention is not causal here).
 
@@ -74,9 +74,8 @@ class ViT(_transformer.Neighbours):
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
     pos = self.param("pos_embed", _transformer.INIT, (1,) + x.shape[1:])
     x = x + pos
-    block = _transformer.block_class(self.remat, "ViT")
-    for i in range(self.depth):
-      x = block(self.heads, choices, self.mlp_ratio, name=f"blocks_{i}")(x)
+    x = self.run_blocks(x, self.depth, "blocks", self.heads, choices,
+                        self.mlp_ratio)
     x = choices.norm("ln_f")(x)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                     name="head")(x[:, 0])

@@ -19,6 +19,7 @@ from lowrank_vjp.training import digits_net as digits_net
 from lowrank_vjp.training import factorized as factorized
 from lowrank_vjp.training import plots as plots
 from lowrank_vjp.training import segmentation as segmentation
+from lowrank_vjp.training import text as text
 from lowrank_vjp.training.checkpoint import Checkpointer as Checkpointer
 from lowrank_vjp.training.config import TrainConfig as TrainConfig
 from lowrank_vjp.training.data import Split as Split
@@ -26,6 +27,7 @@ from lowrank_vjp.training.data import default_dataset as default_dataset
 from lowrank_vjp.training.data import load as load
 from lowrank_vjp.training.evaluation import evaluate as evaluate
 from lowrank_vjp.training.evaluation import evaluate_arrays as evaluate_arrays
+from lowrank_vjp.training.evaluation import evaluate_metrics as evaluate_metrics
 from lowrank_vjp.training.evaluation import make_eval_step as make_eval_step
 from lowrank_vjp.training.job import train_one as train_one
 from lowrank_vjp.training.loop import Run as Run
@@ -33,9 +35,9 @@ from lowrank_vjp.training.loop import fit as fit
 from lowrank_vjp.training.loop import make_controller as make_controller
 from lowrank_vjp.training.loop import run_step as run_step
 from lowrank_vjp.training.loop import timed_step as timed_step
-from lowrank_vjp.training.programs import Programs as Programs
 from lowrank_vjp.training.methods import VANILLA as VANILLA
 from lowrank_vjp.training.methods import carries_state as carries_state
+from lowrank_vjp.training.methods import is_checkpoint as is_checkpoint
 from lowrank_vjp.training.methods import is_vanilla as is_vanilla
 from lowrank_vjp.training.methods import method_name as method_name
 from lowrank_vjp.training.methods import method_settings as method_settings
@@ -51,9 +53,11 @@ from lowrank_vjp.training.metrics import read_metrics as read_metrics
 from lowrank_vjp.training.metrics import stats_row as stats_row
 from lowrank_vjp.training.metrics import write_metrics as write_metrics
 from lowrank_vjp.training.model import build_model as build_model
+from lowrank_vjp.training.model import input_spec as input_spec
 from lowrank_vjp.training.model import make_rules as make_rules
 from lowrank_vjp.training.optim import make_optimizer as make_optimizer
 from lowrank_vjp.training.plots import plot_runs as plot_runs
+from lowrank_vjp.training.programs import Programs as Programs
 from lowrank_vjp.training.report import compiled_memory as compiled_memory
 from lowrank_vjp.training.report import environment as environment
 from lowrank_vjp.training.report import make_report as make_report
@@ -89,11 +93,14 @@ __all__ = (
     "environment",
     "evaluate",
     "evaluate_arrays",
+    "evaluate_metrics",
     "factorized",
     "final_variables",
     "fit",
     "init_asi_state",
     "initial_state",
+    "input_spec",
+    "is_checkpoint",
     "is_vanilla",
     "load",
     "make_controller",
@@ -116,6 +123,7 @@ __all__ = (
     "stats_row",
     "summarise",
     "table",
+    "text",
     "timed_step",
     "train_one",
     "unsupported",

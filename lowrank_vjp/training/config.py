@@ -9,6 +9,8 @@ from it for train.py's optimizer, schedule and rank control.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -17,6 +19,8 @@ class TrainConfig:
 
   Attributes:
     model: A name of :data:`lowrank_vjp.models.MODELS`.
+    model_kwargs: JSON of further fields for the model's constructor
+      (e.g. ``{"depth": 4}`` for a shallower ViT).
     weights: ImageNet ``.pth`` file; ``"auto"``: the offline file if the
       model has one (else random init, with a warning); ``"none"``.
     method: Comma-separated runs: ``"vanilla"`` or any method of
@@ -32,6 +36,8 @@ class TrainConfig:
     steps: Training steps.
     batch_size: Training batch size.
     image_size: Side of the model's input images.
+    seq_len: Tokens per example (language models).
+    scan: Run a transformer's blocks as one ``nn.scan``.
     optimizer: ``"sgd"`` or ``"adam"``.
     lr: Peak learning rate of the warm-up cosine schedule.
     momentum: SGD momentum.
@@ -40,6 +46,10 @@ class TrainConfig:
     clip_grad_norm: Clip gradients to this global norm (0: off).
     eval_examples: Test examples evaluated at the end (0: all).
     eval_batch_size: Evaluation batch size.
+    eval_every: Also evaluate every this many steps (0: at the end only);
+      the figures go into ``metrics.jsonl`` and the validation-loss plot.
+    max_batch_budget_mib: Report the largest batch whose step fits this
+      many MiB of XLA's estimated peak (0: not searched).
     checkpoint_every: Steps between checkpoints.
     rank_control: ``"redo"`` (a :class:`lowrank_vjp.RankController` moves
       the capacities and recomputes overflowing steps) or ``"off"``.
@@ -58,6 +68,7 @@ class TrainConfig:
   """
 
   model: str = "mobilenet_v2"
+  model_kwargs: str = "{}"
   weights: str = "auto"
   method: str = "vanilla,hosvd"
   eps: float = 0.8
@@ -69,6 +80,8 @@ class TrainConfig:
   steps: int = 200
   batch_size: int = 32
   image_size: int = 96
+  seq_len: int = 128
+  scan: bool = False
   optimizer: str = "sgd"
   lr: float = 0.01
   momentum: float = 0.9
@@ -77,6 +90,8 @@ class TrainConfig:
   clip_grad_norm: float = 1.0
   eval_examples: int = 2000
   eval_batch_size: int = 100
+  eval_every: int = 0
+  max_batch_budget_mib: float = 0.0
   checkpoint_every: int = 100
   rank_control: str = "redo"
   rank_patience: int = 100
@@ -86,6 +101,23 @@ class TrainConfig:
   no_progress: bool = False
   fresh: bool = False
   interrupt_at: int | None = None
+
+  @classmethod
+  def from_flags(cls, flags: Mapping[str, Any]) -> TrainConfig:
+    """The config of train.py's flags; a flag left None takes the model's
+    default (:attr:`lowrank_vjp.models.ModelSpec.defaults`), else the
+    field's.
+
+    Example:
+      >>> TrainConfig.from_flags({"model": "gpt_small"}).optimizer
+      'adam'
+      >>> TrainConfig.from_flags({"model": "gpt_small", "lr": 0.1}).lr
+      0.1
+    """
+    from lowrank_vjp import models  # pylint: disable=g-import-not-at-top
+    model = flags.get("model") or cls.model
+    given = {k: v for k, v in flags.items() if v is not None}
+    return cls(**{**dict(models.get_spec(model).defaults), **given})
 
   def replace(self, **changes) -> TrainConfig:
     """A copy with ``changes`` (``dataclasses.replace``)."""

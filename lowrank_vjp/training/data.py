@@ -12,6 +12,9 @@ which needs TensorFlow):
 * ``sklearn_digits``: scikit-learn's ``load_digits`` (1,797 8×8 grey
   images of handwritten digits, 10 classes), shipped inside scikit-learn.
 
+A third, ``python_stdlib_text`` (the standard library's Python sources as
+bytes, for language models), is read by :func:`lowrank_vjp.training.text.load`.
+
 Any other tfds dataset is used by name when its prepared data is already in
 ``data_dir`` (nothing is downloaded); with TensorFlow installed, datasets
 prepared as TFRecord work too. :func:`load` returns a :class:`Split` per
@@ -39,7 +42,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress",
                          "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 
-BUILDER_NAMES = ("debian_fashion_mnist", "sklearn_digits")
+BUILDER_NAMES = ("debian_fashion_mnist", "sklearn_digits",
+                 "python_stdlib_text")
 """The offline builders of :mod:`lowrank_vjp.training.tfds_builders`."""
 
 
@@ -146,11 +150,21 @@ class Split:
     A pure function of ``(step, batch_size, seed)``, so a resumed run reads
     exactly the batches the uninterrupted run would have.
     """
-    n = len(self)
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    return epoch_indices(len(self), step, batch_size, seed)
+
+
+def epoch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Indices of batch ``step`` of ``n`` examples: epochs of seeded
+  permutations, a pure function of its arguments.
+
+  Example:
+    >>> sorted(np.concatenate([epoch_indices(6, s, 3, 0) for s in (0, 1)]))
+    [0, 1, 2, 3, 4, 5]
+  """
+  per_epoch = max(1, n // batch_size)
+  epoch, pos = divmod(step, per_epoch)
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

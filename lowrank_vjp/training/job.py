@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import lowrank_vjp.rules as lvr
+from lowrank_vjp import models
 from lowrank_vjp.training import evaluation as evaluate_lib
 from lowrank_vjp.training import methods
 from lowrank_vjp.training import metrics as metrics_lib
@@ -31,7 +32,7 @@ from lowrank_vjp.training.checkpoint import Checkpointer
 from lowrank_vjp.training.config import TrainConfig
 from lowrank_vjp.training.data import Split
 from lowrank_vjp.training.loop import make_controller, timed_step
-from lowrank_vjp.training.model import build_model, make_rules
+from lowrank_vjp.training.model import build_model, input_spec, make_rules
 from lowrank_vjp.training.optim import make_optimizer
 
 
@@ -41,6 +42,13 @@ def _progress(config: TrainConfig, start: int, label: str):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=config.steps, initial=start, desc=label, unit="step",
               dynamic_ncols=True, file=sys.stdout)
+
+
+def _labels_at(x_spec: jax.ShapeDtypeStruct, batch: int):
+  """The labels of a batch: one per example, or one per token."""
+  per_token = x_spec.dtype == jnp.int32
+  shape = (batch, *x_spec.shape[1:]) if per_token else (batch,)
+  return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
 def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
@@ -66,6 +74,11 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   """
   settings = methods.settings_for(method, config)
   label = methods.run_label(method, settings)
+  transformer = models.get_spec(config.model).blocks is not None
+  if transformer and methods.is_checkpoint(method):
+    # Per-block remat of the whole block (model.neighbours), not the dense
+    # layers' own checkpoint.
+    settings = methods.method_settings(methods.VANILLA)
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.abspath(os.path.join(workdir, "ckpt"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -77,9 +90,10 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   train, test = splits["train"], splits["test"]
   num_classes = train.num_classes
   t0 = time.perf_counter()
-  model, variables, spec, weights = build_model(config, num_classes, log)
-  shape = (config.batch_size, config.image_size, config.image_size, 3)
-  x_spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+  model, variables, spec, weights = build_model(config, num_classes, log,
+                                                method)
+  x_spec = input_spec(config, config.batch_size)
+  image_size = None if spec.inputs == "tokens" else config.image_size
   layers = lvr.discover(model, x_spec, variables=variables, train=True)
   plan = lvr.make_plan(layers, make_rules(config, layers, spec, settings))
   trained, frozen = plan.split(variables)
@@ -100,17 +114,24 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
                                 headroom=config.rank_headroom)
                 if config.rank_control == "redo" else None)
   train_step = step_lib.make_train_step(
-      model, plan, tx, config.seed, config.image_size,
+      model, plan, tx, config.seed, image_size,
       redo_on_overflow=controller is not None)
   ckpt.restore_controller(controller, start)
   batch = lambda step: train.get(train.batch_indices(
-      step, config.batch_size, config.seed), config.image_size)
+      step, config.batch_size, config.seed), image_size)
   images, labels = batch(0)
   compiled = programs_lib.Programs(train_step, state, frozen, images, labels)
+  eval_step = evaluate_lib.make_eval_step(model, image_size)
+
+  def held_out(state):
+    return evaluate_lib.evaluate_metrics(
+        eval_step, step_lib.final_variables(plan, state, frozen), test,
+        image_size=image_size, examples=config.eval_examples,
+        batch_size=config.eval_batch_size)
 
   log(f"[{label}] {config.model}, {len(plan.trainable)} trained layers "
-      f"({len(plan.compressed)} through lowrank_vjp), batch {shape}:\n"
-      + plan.describe())
+      f"({len(plan.compressed)} through lowrank_vjp), batch "
+      f"{tuple(x_spec.shape)}:\n" + plan.describe())
   bar = _progress(config, start, label)
   stop = (config.steps if config.interrupt_at is None
           else min(config.steps, config.interrupt_at))
@@ -125,6 +146,10 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
              "train_accuracy": float(metrics["accuracy"]),
              "step_time_s": dt, "compile_time_s": compile_s,
              **metrics_lib.stats_row(metrics["stats"])}
+      if (config.eval_every > 0 and (step + 1) % config.eval_every == 0
+          and step + 1 < config.steps):
+        m = held_out(state)
+        row["val_loss"], row["val_accuracy"] = m["loss"], m["accuracy"]
       rows.append(row)
       writer.write(row)
       ckpt.save(step + 1, state, controller=controller)
@@ -145,15 +170,24 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   ckpt.wait()
 
   t2 = time.perf_counter()
-  accuracy = evaluate_lib.evaluate(
-      evaluate_lib.make_eval_step(model, config.image_size),
-      step_lib.final_variables(plan, state, frozen), test,
-      image_size=config.image_size, examples=config.eval_examples,
-      batch_size=config.eval_batch_size)
+  held = held_out(state)
   eval_time = time.perf_counter() - t2
   report = report_lib.make_report(config, label, settings, plan, rows,
-                                  compiled, accuracy, weights, eval_time,
-                                  setup_time, num_classes)
+                                  compiled, held["accuracy"], weights,
+                                  eval_time, setup_time, num_classes,
+                                  val_loss=held["loss"])
+  if config.max_batch_budget_mib > 0:
+    key = controller.key() if controller is not None else None
+    found = programs_lib.largest_batch(
+        train_step, state, frozen,
+        lambda b: (input_spec(config, b), _labels_at(x_spec, b)),
+        int(config.max_batch_budget_mib * metrics_lib.MiB), key,
+        start=config.batch_size)
+    report["max_batch"] = {"budget_mib": config.max_batch_budget_mib,
+                           "batch": found.batch,
+                           "peak_mib": found.peak_bytes / metrics_lib.MiB}
+    log(f"[{label}] largest batch under {config.max_batch_budget_mib:g} "
+        f"MiB: {found.batch}")
   if controller is not None:
     rc = report["rank_control"] = report_lib.rank_control_report(
         controller, compiled, rows)

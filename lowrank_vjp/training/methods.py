@@ -10,7 +10,8 @@ is stateful), so a new method needs no edit here:
 
 * :func:`method_settings`: a name, ε and the user's extra settings to the
   layer settings, passing ε only to the methods that take it;
-* :func:`method_name`, :func:`is_vanilla`, :func:`uses_ranks`,
+* :func:`method_name`, :func:`is_vanilla`, :func:`is_checkpoint`,
+  :func:`uses_ranks`,
   :func:`carries_state`: what a run's settings are;
 * :func:`run_label`: the name a run is reported under.
 """
@@ -64,6 +65,11 @@ def run_names(methods: str) -> list[str]:
 def is_vanilla(name: str) -> bool:
   """Whether run ``name`` is exact backprop (``"vanilla"`` or ``"none"``)."""
   return methods_base.method_class(name) is lvm.Vanilla
+
+
+def is_checkpoint(name: str) -> bool:
+  """Whether run ``name`` is activation checkpointing (``"checkpoint"``)."""
+  return methods_base.method_class(name) is lvm.Checkpoint
 
 
 def method_settings(name: str, *, eps: float | None = None,

@@ -31,14 +31,15 @@ def stats_row(stats: Mapping[str, lv.CompressionStats]) -> dict[str, Any]:
     ``activation_memory_analytic_mib`` (the papers' count at the ranks ε
     needed), ``activation_memory_vanilla_mib`` (the full activations),
     ``activation_memory_capacity_mib`` (what the static shapes hold),
-    ``ranks`` (``{path: [rank per mode]}``) and ``overflow_layers`` (how
-    many layers needed more than their capacity).
+    all summed over every call of stacked stats (``nn.scan``), ``ranks``
+    (``{path: [rank per mode]}``, the largest over such calls) and
+    ``overflow_layers`` (how many layers needed more than their capacity).
   """
   analytic = sum(s.analytic_nbytes() for s in stats.values())
-  vanilla = sum(s.activation_nbytes for s in stats.values())
-  capacity = sum(s.residual_nbytes for s in stats.values())
-  ranks = {p: [int(k) for k in np.asarray(s.needed_ranks).ravel()]
-           for p, s in stats.items()}
+  vanilla = sum(s.activation_nbytes * s.calls for s in stats.values())
+  capacity = sum(s.residual_nbytes * s.calls for s in stats.values())
+  ranks = {p: [int(k) for k in np.asarray(s.needed_ranks).reshape(
+      -1, len(s.shape)).max(0)] for p, s in stats.items()}
   overflow = sum(bool(np.any(np.asarray(s.overflow))) for s in stats.values())
   return {"activation_memory_analytic_mib": analytic / MiB,
           "activation_memory_vanilla_mib": vanilla / MiB,

@@ -17,6 +17,17 @@ from lowrank_vjp.training.metrics import read_metrics
 MODES = ("batch", "height", "width", "channel")
 """Names of the modes of an ``[N, H, W, C]`` activation."""
 
+TOKEN_MODES = ("batch", "token", "feature")
+"""Names of the modes of a ``[B, T, C]`` activation."""
+
+MAX_RANK_PANELS = 8
+"""Layers shown per run in ``ranks.png`` (spread over the network)."""
+
+
+def _mode_names(ndim: int) -> tuple[str, ...]:
+  return {4: MODES, 3: TOKEN_MODES}.get(ndim, tuple(f"mode {i}" for i in
+                                                    range(ndim)))
+
 _LINES = ("-", "--", ":", "-.")
 
 
@@ -36,11 +47,13 @@ def pyplot():
 
 def plot_runs(reports: Sequence[Mapping], workdir: str,
               run_dirs: Mapping[str, str]) -> list[str]:
-  """train.py's figures: accuracy against memory, and ranks over steps.
+  """train.py's figures: accuracy against memory, ranks over steps, and
+  validation loss over steps (when the runs evaluated during training).
 
   Args:
     reports: The runs' reports (:func:`~lowrank_vjp.training.make_report`).
-    workdir: Where ``accuracy_vs_memory.png`` and ``ranks.png`` go.
+    workdir: Where ``accuracy_vs_memory.png``, ``ranks.png`` and
+      ``val_loss.png`` go.
     run_dirs: ``{run label: directory holding its metrics.jsonl}``.
 
   Returns:
@@ -62,7 +75,7 @@ def plot_runs(reports: Sequence[Mapping], workdir: str,
   ax.set_xlabel("activation memory, analytic peak (MiB, log scale)")
   ax.set_ylabel("test top-1 accuracy (%)")
   r0 = reports[0]
-  ax.set_title(f"{r0['model']}, last {len(r0['layers'])} conv layers, "
+  ax.set_title(f"{r0['model']}, {len(r0['layers'])} compressed layers, "
                f"{r0['dataset']}", fontsize=9)
   ax.grid(True, alpha=0.3)
   fig.tight_layout()
@@ -70,9 +83,13 @@ def plot_runs(reports: Sequence[Mapping], workdir: str,
   fig.savefig(paths[-1], dpi=110)
   plt.close(fig)
 
-  compressed = [r for r in reports if r["run"] != methods.VANILLA]
+  # Only runs with ε-ranks: the others keep every mode whole.
+  compressed = [r for r in reports if methods.uses_ranks(r["settings"])]
   if compressed:
     layers = compressed[0]["layers"]
+    if len(layers) > MAX_RANK_PANELS:
+      pick = np.linspace(0, len(layers) - 1, MAX_RANK_PANELS).round()
+      layers = [layers[int(i)] for i in pick]
     fig, axes = plt.subplots(len(compressed), len(layers), squeeze=False,
                              figsize=(3.2 * len(layers),
                                       2.6 * len(compressed)))
@@ -83,7 +100,7 @@ def plot_runs(reports: Sequence[Mapping], workdir: str,
       for j, path in enumerate(layers):
         ax = axes[i][j]
         hist = np.asarray([row["ranks"][path] for row in rows])
-        for mode, name in enumerate(MODES[:hist.shape[1]] if hist.size
+        for mode, name in enumerate(_mode_names(hist.shape[1]) if hist.size
                                     else ()):
           ax.plot(steps, hist[:, mode], label=name,
                   linestyle=_LINES[mode % 4])
@@ -97,7 +114,54 @@ def plot_runs(reports: Sequence[Mapping], workdir: str,
     paths.append(os.path.join(workdir, "ranks.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-  return paths
+  curve = plot_val_loss(reports, workdir, run_dirs)
+  return paths + ([curve] if curve else [])
+
+
+def val_loss_curves(reports: Sequence[Mapping], run_dirs: Mapping[str, str]
+                    ) -> dict[str, tuple[list[int], list[float]]]:
+  """``{run: (steps, validation losses)}``: the evaluations during training
+  (``val_loss`` in ``metrics.jsonl``) and the final one (the report's)."""
+  curves = {}
+  for r in reports:
+    rows = read_metrics(os.path.join(run_dirs[r["run"]], "metrics.jsonl"),
+                        10**12)
+    points = [(row["step"], row["val_loss"]) for row in rows
+              if row.get("val_loss") is not None]
+    if r.get("val_loss") is not None:
+      points.append((r["steps"], r["val_loss"]))
+    if points:
+      curves[r["run"]] = ([p[0] for p in points], [p[1] for p in points])
+  return curves
+
+
+def plot_val_loss(reports: Sequence[Mapping], workdir: str,
+                  run_dirs: Mapping[str, str]) -> str | None:
+  """``val_loss.png``: validation loss over steps, one line per run.
+
+  Returns:
+    Its path, or None when no run evaluated more than once (or matplotlib
+    is missing).
+  """
+  curves = val_loss_curves(reports, run_dirs)
+  plt = pyplot()
+  if plt is None or not any(len(s) > 1 for s, _ in curves.values()):
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, (run, (steps, losses)) in enumerate(curves.items()):
+    ax.plot(steps, losses, marker="o", markersize=3, label=run,
+            linestyle=_LINES[i % 4])
+  r0 = reports[0]
+  ax.set_xlabel("step")
+  ax.set_ylabel("validation loss (cross-entropy, nats)")
+  ax.set_title(f"{r0['model']}, {r0['dataset']}", fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(workdir, "val_loss.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 # ------------------------------------------------------ benchmarks page ---

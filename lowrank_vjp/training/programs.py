@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import jax
 
@@ -79,3 +79,41 @@ class Programs:
   def largest_peak(self):
     """XLA's memory of the compiled program with the highest estimated peak."""
     return max(self.memory.values(), key=lambda m: m.peak_bytes)
+
+
+def largest_batch(train_step, state, frozen,
+                  batch_inputs: Callable[[int], tuple], budget_bytes: int,
+                  capacities=None, *, start: int = 1,
+                  tolerance: float = 0.05):
+  """The largest batch whose training step fits ``budget_bytes``.
+
+  :func:`lowrank_vjp.measure.max_batch` over the step that runs: the same
+  step function, donated the same way (the state), at ``capacities``.
+
+  Args:
+    train_step: From :func:`~lowrank_vjp.training.make_train_step`.
+    state: The training state (arrays or shapes).
+    frozen: The frozen variables.
+    batch_inputs: ``batch -> (inputs, labels)`` as
+      ``jax.ShapeDtypeStruct`` s.
+    budget_bytes: The budget, on XLA's estimated peak.
+    capacities: The static capacities the step is compiled at.
+    start: The smallest batch tried (a run's own batch: its capacities may
+      not fit a smaller one).
+    tolerance: As for :func:`lowrank_vjp.measure.max_batch` (5 %: fewer
+      compiles; the result fits either way).
+
+  Returns:
+    A :class:`lowrank_vjp.measure.MaxBatch`.
+  """
+  import lowrank_vjp as lv  # pylint: disable=g-import-not-at-top
+  state, frozen = jax.tree.map(_spec, (state, frozen))
+  step = jax.jit(lambda s, f, x, y: train_step(s, f, x, y,
+                                               capacities=capacities),
+                 donate_argnums=0)
+
+  def make_step(batch):
+    return step, (state, frozen, *batch_inputs(batch))
+
+  return lv.measure.max_batch(make_step, budget_bytes, start=start,
+                              tolerance=tolerance)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ import numpy as np
 
 import lowrank_vjp as lv
 import lowrank_vjp.rules as lvr
+from lowrank_vjp import models
 from lowrank_vjp.training import methods
 from lowrank_vjp.training.config import TrainConfig
 from lowrank_vjp.training.metrics import MiB
@@ -66,7 +68,8 @@ def _ranks(plan: lvr.Plan, rows: Sequence[Mapping]) -> dict[str, dict]:
 def make_report(config: TrainConfig, label: str, settings: Mapping[str, Any],
                 plan: lvr.Plan, rows: Sequence[Mapping], programs,
                 accuracy: float, weights: str | None, eval_time: float,
-                setup_time: float, num_classes: int) -> dict[str, Any]:
+                setup_time: float, num_classes: int, *,
+                val_loss: float | None = None) -> dict[str, Any]:
   """The ``report.json`` of one fine-tuning run.
 
   Args:
@@ -80,7 +83,8 @@ def make_report(config: TrainConfig, label: str, settings: Mapping[str, Any],
     weights: The pretrained weights file, or None.
     eval_time: Seconds spent evaluating.
     setup_time: Seconds spent building the model and plan.
-    num_classes: Classes of the dataset.
+    num_classes: Classes of the dataset (a language model's vocabulary).
+    val_loss: Mean held-out cross-entropy (per token for a language model).
 
   Returns:
     The report: the run's settings, accuracy, ``activation_memory_*``
@@ -115,6 +119,12 @@ def make_report(config: TrainConfig, label: str, settings: Mapping[str, Any],
       "lr": config.lr,
       "seed": config.seed,
       "accuracy": accuracy,
+      "val_loss": val_loss,
+      "seq_len": (config.seq_len
+                  if models.get_spec(config.model).inputs == "tokens"
+                  else None),
+      "model_kwargs": json.loads(config.model_kwargs),
+      "scan": config.scan,
       "eval_examples": config.eval_examples,
       "final_loss": last.get("loss"),
       "final_train_accuracy": last.get("train_accuracy"),
@@ -194,16 +204,23 @@ def summarise(rows: Sequence[Mapping]) -> dict[str, float]:
 
 
 def table(reports: Sequence[Mapping]) -> str:
-  """The comparison table train.py prints: accuracy, memory, step time."""
-  head = (f"{'run':<22} {'top-1 %':>8} {'act. MiB peak':>13} "
-          f"{'act. MiB mean':>13} {'vanilla MiB':>11} {'XLA temp MiB':>12} "
-          f"{'step ms':>8}")
+  """The comparison table train.py prints: accuracy, held-out loss, memory,
+  step time (and its ratio to the first run's, measured in the same job).
+  """
+  head = (f"{'run':<22} {'top-1 %':>8} {'val loss':>8} {'act. MiB peak':>13} "
+          f"{'act. MiB mean':>13} {'vanilla MiB':>11} {'XLA peak MiB':>12} "
+          f"{'step ms':>8} {'x first':>7}")
   lines = [head, "-" * len(head)]
+  first = reports[0]["step_time_median_s"] if reports else None
   for r in reports:
+    loss = r.get("val_loss")
+    ratio = (r["step_time_median_s"] / first if first else float("nan"))
     lines.append(
         f"{r['run']:<22} {100 * r['accuracy']:>8.2f} "
+        f"{loss if loss is not None else float('nan'):>8.4f} "
         f"{r['activation_memory_analytic_peak_mib']:>13.3f} "
         f"{r['activation_memory_analytic_mean_mib']:>13.3f} "
         f"{r['activation_memory_vanilla_mib']:>11.3f} "
-        f"{r['xla_temp_mib']:>12.2f} {1000 * r['step_time_median_s']:>8.1f}")
+        f"{r['xla_peak_mib']:>12.2f} {1000 * r['step_time_median_s']:>8.1f} "
+        f"{ratio:>7.2f}")
   return "\n".join(lines)

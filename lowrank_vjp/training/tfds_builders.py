@@ -1,4 +1,5 @@
-"""The offline tfds builders: Debian's Fashion-MNIST, scikit-learn's digits.
+"""The offline tfds builders: Debian's Fashion-MNIST, scikit-learn's digits,
+the Python standard library's sources as bytes.
 
 Importing this module imports tensorflow-datasets (not TensorFlow); use the
 builders through :func:`lowrank_vjp.training.data.load`, which imports it on
@@ -12,7 +13,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lowrank_vjp.training import data
+from lowrank_vjp.training import data, text
 
 
 class DebianFashionMnist(tfds.core.GeneratorBasedBuilder):
@@ -97,6 +98,50 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         yield i, {"image": image[..., None], "label": int(label)}
 
 
+class PythonStdlibText(tfds.core.GeneratorBasedBuilder):
+  """The standard library's ``.py`` files as byte windows (see
+  :mod:`lowrank_vjp.training.text`).
+
+  One config per Python version (the corpus differs between them); the
+  default is the running interpreter's. ``SOURCE_DIR`` is the library root
+  read (None: :func:`~lowrank_vjp.training.text.stdlib_root`); a subclass
+  can point it elsewhere (tests do).
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Windows of 1,025 bytes every 1,024."}
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+      name=text.config_name(),
+      description=f"The sources of Python {text.config_name()[2:]}'s "
+      "standard library.")]
+  SOURCE_DIR: str | None = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("The Python standard library's .py files (no "
+                     "site-packages, tests, IDLE or lib2to3) as one byte "
+                     "stream per split; a file is in validation when the "
+                     "CRC-32 of its relative path is 0 mod 10."),
+        features=tfds.features.FeaturesDict({
+            "bytes": tfds.features.Tensor(shape=(text.CHUNK + 1,),
+                                          dtype=np.uint8),
+        }),
+        homepage="https://docs.python.org/3/library/",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split)
+            for split in ("train", "validation")}
+
+  def _generate_examples(self, split):
+    stream = text.split_bytes(split, self.SOURCE_DIR)
+    for i, window in enumerate(text.windows(stream)):
+      yield i, {"bytes": window}
+
+
 BUILDERS = {"debian_fashion_mnist": DebianFashionMnist,
-            "sklearn_digits": SklearnDigits}
+            "sklearn_digits": SklearnDigits,
+            "python_stdlib_text": PythonStdlibText}
 """Builder classes by dataset name (the names of ``data.BUILDER_NAMES``)."""

@@ -131,11 +131,12 @@ def test_help_lists_the_flags():
   out = subprocess.run(
       [sys.executable, SCRIPT, "--help"],
       check=True, capture_output=True, text=True).stdout
-  for flag in ("--model", "--weights", "--method", "--eps", "--method-kwargs",
+  for flag in ("--model", "--model-kwargs", "--weights", "--method", "--eps", "--method-kwargs",
                "--layers", "--train-bn", "--dataset", "--data-dir", "--steps",
                "--batch-size", "--image-size", "--optimizer", "--lr",
                "--momentum", "--weight-decay", "--warmup-steps",
                "--clip-grad-norm", "--eval-examples", "--eval-batch-size",
+               "--eval-every", "--max-batch-budget-mib", "--seq-len",
                "--checkpoint-every", "--rank-control", "--rank-patience",
                "--rank-headroom", "--workdir", "--seed", "--no-progress",
                "--fresh"):
@@ -144,5 +145,74 @@ def test_help_lists_the_flags():
 
 def test_flag_defaults_are_the_library_defaults(train):
   from lowrank_vjp import training  # pylint: disable=g-import-not-at-top
-  assert training.TrainConfig(**vars(train.parse_args([]))) == (
+  assert training.TrainConfig.from_flags(vars(train.parse_args([]))) == (
       training.TrainConfig())
+  # A model's own defaults where no flag is given, the flag where one is.
+  gpt = training.TrainConfig.from_flags(vars(train.parse_args(
+      ["--model", "gpt_small"])))
+  assert (gpt.optimizer, gpt.layers, gpt.dataset, gpt.weights) == (
+      "adam", "all", "python_stdlib_text", "none")
+  vit = training.TrainConfig.from_flags(vars(train.parse_args(
+      ["--model", "vit_tiny", "--optimizer", "sgd", "--layers", "2"])))
+  assert (vit.optimizer, vit.layers, vit.image_size) == ("sgd", "2", 28)
+
+
+def test_gpt_two_steps_every_run_kind(train, tmp_path, data_dir, capsys):
+  """The byte LM through vanilla, per-block checkpoint and codes: held-out
+  loss over steps, the largest batch, the neighbours each run kind gets
+  (HOSVD on scanned and unscanned GPTs: tests/models/test_models_gpt.py)."""
+  workdir = str(tmp_path / "gpt")
+  reports = train.main([
+      "--model", "gpt_small", "--method", "vanilla,checkpoint,quant",
+      "--model-kwargs", '{"n_layer": 2, "n_embd": 32, "n_head": 2}',
+      "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+      "--eval-examples", "4", "--eval-batch-size", "4", "--eval-every", "1",
+      "--max-batch-budget-mib", "0.01", "--data-dir", data_dir,
+      "--workdir", workdir, "--no-progress"])
+  assert [r["run"] for r in reports] == ["vanilla", "checkpoint", "quant"]
+  out = capsys.readouterr().out
+  assert "val loss" in out and "python_stdlib_text" in out
+  for r in reports:
+    assert r["seq_len"] == 16 and r["num_classes"] == 256
+    # From scratch, a byte LM's held-out loss starts near ln 256.
+    assert 4.0 < r["val_loss"] < 6.5
+    # Not even the parameters fit 10 KB: one compile, nothing found (the
+    # search itself is tested in test_training_programs.py).
+    assert r["max_batch"] == {"budget_mib": 0.01, "batch": 0,
+                              "peak_mib": 0.0}
+    assert r["xla_alias_mib"] > 0
+  vanilla, checkpoint, quant = reports
+  # 2 blocks x (c_attn, c_proj, c_fc, c_proj) compressed; the rest trains.
+  assert len(quant["layers"]) == 8 and "wte" in quant["trained_layers"]
+  assert checkpoint["settings"] == {"method": "none"}
+  assert (quant["activation_memory_analytic_peak_mib"]
+          < vanilla["activation_memory_analytic_peak_mib"])
+  # The same data, seed and initialisation: the first step's loss agrees.
+  rows = {}
+  for name in ("vanilla", "checkpoint", "quant"):
+    with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
+      rows[name] = [json.loads(line) for line in f]
+    assert "val_loss" in rows[name][0]
+  assert rows["vanilla"][0]["loss"] == pytest.approx(
+      rows["checkpoint"][0]["loss"], rel=1e-6)
+  assert rows["vanilla"][0]["loss"] == pytest.approx(
+      rows["quant"][0]["loss"], rel=1e-5)   # the forward pass is exact
+  assert os.path.getsize(os.path.join(workdir, "val_loss.png")) > 1000
+
+
+def test_vit_two_steps(train, tmp_path, data_dir):
+  workdir = str(tmp_path / "vit")
+  reports = train.main([
+      "--model", "vit_tiny", "--dataset", "sklearn_digits", "--image-size",
+      "8", "--method", "vanilla,quant", "--steps", "2", "--batch-size", "4",
+      "--layers", "2", "--model-kwargs", '{"depth": 3}',
+      "--eval-examples", "8", "--eval-batch-size", "8",
+      "--data-dir", data_dir, "--workdir", workdir, "--no-progress"])
+  vanilla, quant = reports
+  assert 0.0 <= quant["accuracy"] <= 1.0
+  # The last two of three blocks, their norms, ln_f and the head train.
+  assert quant["layers"] == [f"blocks_{i}/{d}" for i in (1, 2) for d in (
+      "attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")]
+  assert "head" in quant["trained_layers"]
+  assert "patch_embed" not in quant["trained_layers"]
+  assert vanilla["val_loss"] is not None

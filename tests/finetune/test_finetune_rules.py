@@ -297,3 +297,30 @@ def test_frozen_part_keeps_no_residuals():
   full32, _ = residual_bytes(32, 52)
   full64, _ = residual_bytes(32 * 2, 52)
   assert full64 - full32 > 20 * (held64 - held32)
+
+
+class _RootParams(nn.Module):
+  """A model owning a parameter itself, beside a dense layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    offset = self.param("offset", nn.initializers.ones, (x.shape[-1],))
+    return nn.Dense(3, name="dense")(x + offset)
+
+
+def test_the_root_is_a_layer_only_when_it_owns_parameters():
+  x = jnp.ones((2, 4))
+  layers = lvr.discover(_RootParams(), x)
+  assert [(layer.path, layer.params) for layer in layers] == [
+      ("", ("offset",)), ("dense", ("bias", "kernel"))]
+  variables = _RootParams().init(jax.random.key(0), x)
+  trained, frozen = lvr.make_plan(layers, [lvr.Rule(".*")]).split(variables)
+  assert set(trained["params"]) == {"offset", "dense"} and not frozen
+  # A rule for the dense layer alone leaves the root's parameter frozen.
+  trained, frozen = lvr.make_plan(layers, [lvr.Rule("dense")]).split(
+      variables)
+  assert set(frozen["params"]) == {"offset"}
+  # Models without parameters of their own have no root layer.
+  paths = [layer.path for layer in lvr.discover(nn.Sequential([nn.Dense(2)]),
+                                                 x)]
+  assert paths == ["layers_0"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,61 @@ def test_bad_settings_are_named():
     models.GPT(**KW).init(jax.random.PRNGKey(0), jnp.zeros((1, 17), int))
   with pytest.raises(ValueError, match="remat must be"):
     models.GPT(remat="yes", **KW).init(jax.random.PRNGKey(0), TOKENS)
+
+
+def _stacked(params, n):
+  """Unscanned ``h_{i}`` parameters stacked into a scanned ``h``."""
+  blocks = [params[f"h_{i}"] for i in range(n)]
+  out = {k: v for k, v in params.items() if not k.startswith("h_")}
+  out["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return out
+
+
+def test_scanned_blocks_compute_the_same_network():
+  flat = models.GPT(**KW)
+  params = flat.init(jax.random.PRNGKey(1), TOKENS)["params"]
+  scanned = models.GPT(scan=True, **KW)
+  shapes = jax.eval_shape(scanned.init, jax.random.PRNGKey(1), TOKENS)
+  assert jax.tree.map(jnp.shape, _stacked(params, 2)) == jax.tree.map(
+      jnp.shape, shapes["params"])
+  y0, g0 = _loss_and_grads(flat, params)
+  y1, g1 = _loss_and_grads(scanned, _stacked(params, 2))
+  np.testing.assert_allclose(y1, y0, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(_stacked(g0, 2)),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_statistics_reach_the_rank_controller():
+  """The stats of a scanned stack are stacked per block; the controller
+  sizes each path's shared capacity for the neediest block, and a step run
+  at its key keeps ε in every block."""
+  from lowrank_vjp import training  # pylint: disable=g-import-not-at-top
+  model = models.GPT(scan=True, **KW)
+  variables = model.init(jax.random.PRNGKey(1), TOKENS)
+  settings = {"method": "hosvd", "eps": 0.95, "on_overflow": "ignore"}
+  plan = lvr.plan(model, [lvr.Rule(r"h/(attn|mlp)/(c_attn|c_proj|c_fc)",
+                                   settings), lvr.Rule(".*")], TOKENS,
+                  variables=variables)
+  assert len(plan.compressed) == 4   # one path per dense layer of the stack
+
+  @functools.partial(jax.jit, static_argnames="capacities")
+  def stats(v, capacities=None):
+    with plan.intercept(), lv.rank_capacities(capacities):
+      _, state = model.apply(v, TOKENS, mutable=["compression"])
+    return lv.flax.collect_stats(state)
+
+  s = stats(variables)
+  fc = s["h/mlp/c_fc"]
+  assert fc.calls == 2 and np.shape(fc.needed_ranks) == (2, 3)
+  row = training.stats_row(s)
+  per_block = sum(x.activation_nbytes for p, x in s.items()
+                  if p.startswith("h/mlp") or p.startswith("h/attn"))
+  assert row["activation_memory_vanilla_mib"] * training.MiB >= 2 * per_block
+  controller = lv.RankController()
+  controller.observe(s)
+  key = controller.key()
+  need = np.asarray(fc.needed_ranks).max(0)
+  assert dict(key)["h/mlp/c_fc"][1:] >= tuple(int(n) for n in need[1:])
+  again = stats(variables, key)
+  assert not any(bool(np.any(x.overflow)) for x in again.values())

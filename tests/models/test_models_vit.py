@@ -61,3 +61,30 @@ def test_bad_settings_are_named():
     models.ViT(**{**KW, "width": 25}).init(jax.random.PRNGKey(0), IMAGES)
   with pytest.raises(ValueError, match="activation must be"):
     models.ViT(activation="relu", **KW).init(jax.random.PRNGKey(0), IMAGES)
+
+
+def test_the_registry_builds_vit_tiny_and_gpt_small():
+  vit = models.get_spec("vit_tiny")
+  model = vit.build(num_classes=7)
+  assert (model.width, model.heads, model.depth, model.patch_size) == (
+      192, 3, 12, 4)
+  x = vit.example(2, 8)
+  out = jax.eval_shape(model.apply, jax.eval_shape(
+      model.init, jax.random.key(0), x), x)
+  assert out.shape == (2, 7)
+  gpt = models.get_spec("gpt_small")
+  lm = gpt.build(num_classes=256, block_size=16)
+  assert (lm.n_layer, lm.n_head, lm.n_embd, lm.vocab_size) == (4, 4, 256, 256)
+  t = gpt.example(2, 16)
+  assert t.dtype == jnp.int32
+  logits = jax.eval_shape(lm.apply, jax.eval_shape(
+      lm.init, jax.random.key(0), t), t)
+  assert logits.shape == (2, 16, 256)
+
+
+def test_scanned_vit_has_stacked_blocks():
+  model = models.ViT.tiny(depth=3, scan=True)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), IMAGES)
+  assert shapes["params"]["blocks"]["mlp"]["c_fc"]["kernel"].shape == (
+      3, 192, 768)
+  assert not any(k.startswith("blocks_") for k in shapes["params"])

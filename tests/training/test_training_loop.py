@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lowrank_vjp import training
@@ -117,6 +118,27 @@ def test_evaluate_on_a_split_pads_the_last_batch(tiny):
                            examples=3, batch_size=4) == pytest.approx(
                                float(np.mean(np.argmax(np.asarray(logits[:3]),
                                                        -1) == labels[:3])))
+
+
+def test_evaluate_metrics_of_a_language_model_per_token():
+  """Loss and accuracy over every token, the padded batch masked."""
+  from lowrank_vjp import models  # pylint: disable=g-import-not-at-top
+  from lowrank_vjp.training import text  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  split = text.TextSplit([{"bytes": rng.integers(0, 256, 1025, np.uint8)}],
+                         seq_len=100)   # 10 examples
+  model = models.GPT(vocab_size=256, block_size=100, n_layer=1, n_head=2,
+                     n_embd=16)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 100), jnp.int32))
+  got = training.evaluate_metrics(training.make_eval_step(model, None),
+                                  variables, split, image_size=None,
+                                  examples=0, batch_size=4)
+  x, y = split.get(np.arange(10))
+  logits = model.apply(variables, x)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  assert got["loss"] == pytest.approx(float(ce.mean()), rel=1e-5)
+  assert got["accuracy"] == pytest.approx(float(np.mean(
+      np.argmax(np.asarray(logits), -1) == y)))
 
 
 def test_fit_raises_on_a_non_finite_loss(tiny):

@@ -56,14 +56,19 @@ def test_make_report_fields(tiny):
 
 
 def test_table_has_one_line_per_run():
-  reports = [{"run": r, "accuracy": 0.5,
+  reports = [{"run": r, "accuracy": 0.5, "val_loss": loss,
               "activation_memory_analytic_peak_mib": 1.0,
               "activation_memory_analytic_mean_mib": 0.5,
-              "activation_memory_vanilla_mib": 2.0, "xla_temp_mib": 3.0,
-              "step_time_median_s": 0.01} for r in ("vanilla", "hosvd")]
+              "activation_memory_vanilla_mib": 2.0, "xla_peak_mib": 3.0,
+              "step_time_median_s": t}
+             for r, loss, t in (("vanilla", 1.25, 0.01),
+                                ("hosvd", None, 0.03))]
   lines = training.table(reports).splitlines()
   assert len(lines) == 4 and "top-1 %" in lines[0]
-  assert lines[2].split()[:2] == ["vanilla", "50.00"]
+  assert "XLA peak MiB" in lines[0] and "val loss" in lines[0]
+  assert lines[2].split()[:3] == ["vanilla", "50.00", "1.2500"]
+  # The step time over the first run's, and a missing loss shown as nan.
+  assert lines[3].split()[2] == "nan" and lines[3].split()[-1] == "3.00"
 
 
 def test_environment_is_stamped():

@@ -199,7 +199,8 @@ def discover(model: nn.Module, *args, variables=None, rngs=None,
 
   Returns:
     One :class:`Layer` per module path that was called (parameter-free
-    modules included, the library's own Linen modules excluded).
+    modules included, the library's own Linen modules excluded; the root
+    module, path ``""``, only when it owns parameters of its own).
 
   Example::
 
@@ -219,7 +220,7 @@ def discover(model: nn.Module, *args, variables=None, rngs=None,
     module = context.module
     if context.method_name == "__call__" and not isinstance(module, _MODULES):
       path = "/".join(str(p) for p in module.path)
-      if path and path not in seen:
+      if path not in seen:
         x = call_args[0] if call_args else None
         shape = tuple(x.shape) if hasattr(x, "shape") else None
         itemsize = x.dtype.itemsize if hasattr(x, "dtype") else 0
@@ -238,8 +239,10 @@ def discover(model: nn.Module, *args, variables=None, rngs=None,
                                                      Mapping) else {}
   for key in traverse_util.flatten_dict(dict(params)):
     owned.setdefault("/".join(key[:-1]), []).append(key[-1])
+  # The root (path "") is a layer only when it owns parameters itself (a
+  # ViT's class token and positions), so that a rule can train them.
   return tuple(dataclasses.replace(layer, params=tuple(owned.get(path, ())))
-               for path, layer in seen.items())
+               for path, layer in seen.items() if path or owned.get(path))
 
 
 def last_k(layers: Sequence[Layer], k: int, *, exclude: str | None = None,

@@ -14,9 +14,12 @@ so that the output ``O`` need not be kept)::
   dv = Pᵀ · dO           dbias = dS
 
 What is saved: ``q``, ``k``, ``v``, ``m`` and ``l`` — or, with a
-``method``, that method's residuals of ``q``, ``k`` and ``v`` (every
-gradient is then taken at the rebuilt ones) and ``m``, ``l``. The largest intermediate of either pass is
-one block, ``[batch, heads, T, block_size]``.
+``method``, that method's residuals of ``q``, ``k`` and ``v``: every
+gradient is then taken at the rebuilt ones, and one more pass over the
+blocks recomputes ``m`` and ``l`` from them (the forward's would not
+normalise the rebuilt logits, and could overflow ``exp``). The largest
+intermediate of either pass is one block, ``[batch, heads, T,
+block_size]``.
 """
 
 from __future__ import annotations
@@ -129,12 +132,44 @@ def _blocks(spec: _Spec):
   return full, size, ((full * size, rest) if rest else None)
 
 
+def _over_blocks(spec: _Spec, step, carry):
+  """``carry = step(carry, start, size)`` over the key blocks, in order."""
+  full, size, rest = _blocks(spec)
+  if full == 1:
+    carry = step(carry, 0, size)
+  else:
+    carry, _ = lax.scan(lambda c, i: (step(c, i * size, size), None), carry,
+                        jnp.arange(full))
+  if rest is not None:
+    carry = step(carry, *rest)
+  return carry
+
+
+def _initial_stats(qg):
+  """The running maximum and sum before the first key block."""
+  b, t, kh, g, _ = qg.shape
+  return (jnp.full((b, kh, g, t), -jnp.inf, jnp.float32),
+          jnp.zeros((b, kh, g, t), jnp.float32))
+
+
+def _row_stats(spec: _Spec, qg, k, bias, mask):
+  """The softmax's maximum and sum per query, over every key block."""
+  def step(carry, start, size):
+    m, l = carry
+    kb = lax.dynamic_slice_in_dim(k, start, size, 1)
+    s, _ = _logits(spec, qg, kb, bias, mask, start, size)
+    m_new = jnp.maximum(m, s.max(-1))
+    return m_new, l * jnp.exp(m - m_new) + jnp.exp(
+        s - m_new[..., None]).sum(-1)
+
+  return _over_blocks(spec, step, _initial_stats(qg))
+
+
 def _forward(spec: _Spec, q, k, v, bias, mask):
   b, t, n, h = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)
-  m0 = jnp.full((b, kh, n // kh, t), -jnp.inf, jnp.float32)
-  l0 = jnp.zeros((b, kh, n // kh, t), jnp.float32)
+  m0, l0 = _initial_stats(qg)
   acc0 = jnp.zeros((b, t, kh, n // kh, v.shape[-1]), jnp.float32)
 
   def step(carry, start, size):
@@ -151,16 +186,7 @@ def _forward(spec: _Spec, q, k, v, bias, mask):
     acc = acc * jnp.moveaxis(alpha, 3, 1)[..., None] + pv
     return m_new, l, acc
 
-  full, size, rest = _blocks(spec)
-  carry = (m0, l0, acc0)
-  if full == 1:
-    carry = step(carry, 0, size)
-  else:
-    carry, _ = lax.scan(lambda c, i: (step(c, i * size, size), None), carry,
-                        jnp.arange(full))
-  if rest is not None:
-    carry = step(carry, *rest)
-  m, l, acc = carry
+  m, l, acc = _over_blocks(spec, step, (m0, l0, acc0))
   out = acc / jnp.moveaxis(l, 3, 1)[..., None]
   # The maximum and the sum apart, not log-sum-exp m + log l: for a fully
   # masked query m is -0.7 · float32 max, which absorbs log l.
@@ -212,7 +238,12 @@ def _attention_bwd(spec, saved, cotangents):
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)
   dog = g.reshape(b, t, kh, n // kh, v.shape[-1]).astype(v.dtype)
-  full, size, rest = _blocks(spec)
+  if spec.method is not None:
+    # Rebuilt q and k give other logits than the forward's: normalising them
+    # by the forward's maximum and sum would not be a softmax, and a logit
+    # above that maximum overflowed exp (NaN gradients with 8-bit codes of
+    # large q, k). One more pass gives the rebuilt logits' own statistics.
+    m, l = _row_stats(spec, qg, k, bias, mask)
 
   def probs(start, size):
     kb = lax.dynamic_slice_in_dim(k, start, size, 1)
@@ -223,15 +254,7 @@ def _attention_bwd(spec, saved, cotangents):
                     preferred_element_type=jnp.float32)
     return kb, p, dp, valid
 
-  def over_blocks(step, carry):
-    if full == 1:
-      carry = step(carry, 0, size)
-    else:
-      carry, _ = lax.scan(lambda c, i: (step(c, i * size, size), None),
-                          carry, jnp.arange(full))
-    if rest is not None:
-      carry = step(carry, *rest)
-    return carry
+  over_blocks = functools.partial(_over_blocks, spec)
 
   def row_dot(d, start, size):
     _, p, dp, _ = probs(start, size)

@@ -147,7 +147,11 @@ def pool_input(x: jax.Array, spec: ConvSpec, grid: FilterGrid) -> jax.Array:
   axes = spec.dimension_numbers.lhs_spec[2:]
   pooled = _patch_sum(x.astype(ct), axes, grid.in_sizes, grid.in_windows,
                       grid.in_pads, grid.patches)
-  return pooled.astype(x.dtype)
+  # The patches may leave border positions out; a NaN or inf there must
+  # still reach the weight gradient, as it does in exact backprop (a flag,
+  # not 0 · Σx, which overflows for large finite inputs).
+  carried = jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan).astype(ct)
+  return (pooled + carried).astype(x.dtype)
 
 
 def _patch_counts(size: int, window: int, pad: int, patches: int):
