@@ -44,9 +44,10 @@ def _progress(config: TrainConfig, start: int, label: str):
               dynamic_ncols=True, file=sys.stdout)
 
 
-def _labels_at(x_spec: jax.ShapeDtypeStruct, batch: int):
+def _labels_at(spec: models.ModelSpec, x_spec: jax.ShapeDtypeStruct,
+               batch: int) -> jax.ShapeDtypeStruct:
   """The labels of a batch: one per example, or one per token."""
-  per_token = x_spec.dtype == jnp.int32
+  per_token = spec.inputs == "tokens"
   shape = (batch, *x_spec.shape[1:]) if per_token else (batch,)
   return jax.ShapeDtypeStruct(shape, jnp.int32)
 
@@ -74,8 +75,8 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   """
   settings = methods.settings_for(method, config)
   label = methods.run_label(method, settings)
-  transformer = models.get_spec(config.model).blocks is not None
-  if transformer and methods.is_checkpoint(method):
+  if (models.get_spec(config.model).blocks is not None
+      and methods.is_checkpoint(method)):
     # Per-block remat of the whole block (model.neighbours), not the dense
     # layers' own checkpoint.
     settings = methods.method_settings(methods.VANILLA)
@@ -180,7 +181,7 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
     key = controller.key() if controller is not None else None
     found = programs_lib.largest_batch(
         train_step, state, frozen,
-        lambda b: (input_spec(config, b), _labels_at(x_spec, b)),
+        lambda b: (input_spec(config, b), _labels_at(spec, x_spec, b)),
         int(config.max_batch_budget_mib * metrics_lib.MiB), key,
         start=config.batch_size)
     report["max_batch"] = {"budget_mib": config.max_batch_budget_mib,

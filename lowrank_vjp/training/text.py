@@ -30,6 +30,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from lowrank_vjp.training import data
+
 CORPUS = "python_stdlib_text"
 """The tfds name of the corpus."""
 
@@ -168,7 +170,6 @@ class TextSplit:
 
   def batch_indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
     """Indices of batch ``step``, as :meth:`Split.batch_indices`."""
-    from lowrank_vjp.training import data  # pylint: disable=g-import-not-at-top
     return data.epoch_indices(len(self), step, batch_size, seed)
 
 
@@ -183,7 +184,6 @@ def load(data_dir: str | None = None, seq_len: int = 128
     data_dir: tfds data directory (tfds's default when None).
     seq_len: Tokens per example.
   """
-  from lowrank_vjp.training import data  # pylint: disable=g-import-not-at-top
   b = data.builder(CORPUS, data_dir)
   return {"train": TextSplit(b.as_data_source(split="train"), seq_len),
           "test": TextSplit(b.as_data_source(split="validation"), seq_len)}
