@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       description=__doc__.splitlines()[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", default=D.model, choices=sorted(models.MODELS))
+  p.add_argument("--api", default=D.api, choices=("linen", "nnx"),
+                 help="Flax API of the model: linen, or nnx (the NNX "
+                      "MobileNetV2/ResNets, lowrank_vjp.nnx.apply)")
   p.add_argument("--model-kwargs", default=D.model_kwargs,
                  help="JSON of further fields for the model, e.g. "
                  "'{\"depth\": 4}' (vit_tiny) or '{\"n_layer\": 8}' "

@@ -4,6 +4,7 @@ from lowrank_vjp import flax as flax
 from lowrank_vjp import measure as measure
 from lowrank_vjp import methods as methods
 from lowrank_vjp import models as models
+from lowrank_vjp import nnx as nnx
 from lowrank_vjp import rules as rules
 from lowrank_vjp import tdlrt as tdlrt
 from lowrank_vjp._src.control.budget import LayerSample as LayerSample
@@ -76,6 +77,7 @@ __all__ = (
     "measure",
     "methods",
     "models",
+    "nnx",
     "plan_ranks",
     "raise_on_overflow",
     "rank_capacities",

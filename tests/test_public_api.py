@@ -10,7 +10,8 @@ import pytest
 
 NAMESPACES = ("lowrank_vjp", "lowrank_vjp.methods", "lowrank_vjp.flax",
               "lowrank_vjp.rules", "lowrank_vjp.measure",
-              "lowrank_vjp.models", "lowrank_vjp.tdlrt",
+              "lowrank_vjp.models", "lowrank_vjp.models.nnx",
+              "lowrank_vjp.nnx", "lowrank_vjp.tdlrt",
               "lowrank_vjp.training")
 PAGE = pathlib.Path(__file__).parents[1] / "docs" / "index.md"
 

@@ -66,6 +66,10 @@ from lowrank_vjp.training.report import (
 )
 from lowrank_vjp.training.report import summarise as summarise
 from lowrank_vjp.training.report import table as table
+from lowrank_vjp.training.nnx_step import NNX_MODELS as NNX_MODELS
+from lowrank_vjp.training.nnx_step import NnxTraining as NnxTraining
+from lowrank_vjp.training.nnx_step import build_nnx_model as build_nnx_model
+from lowrank_vjp.training.nnx_step import nnx_training as nnx_training
 from lowrank_vjp.training.step import final_variables as final_variables
 from lowrank_vjp.training.step import init_asi_state as init_asi_state
 from lowrank_vjp.training.step import initial_state as initial_state
@@ -73,6 +77,10 @@ from lowrank_vjp.training.step import make_train_step as make_train_step
 from lowrank_vjp.training.step import uses_asi as uses_asi
 
 __all__ = (
+    "NNX_MODELS",
+    "NnxTraining",
+    "build_nnx_model",
+    "nnx_training",
     "Checkpointer",
     "MetricsWriter",
     "MiB",

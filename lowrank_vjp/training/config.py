@@ -19,6 +19,9 @@ class TrainConfig:
 
   Attributes:
     model: A name of :data:`lowrank_vjp.models.MODELS`.
+    api: ``"linen"`` (default) or ``"nnx"``: the same job through Flax NNX
+      (:mod:`lowrank_vjp.training.nnx_step`; the CNNs of
+      ``lowrank_vjp.models.nnx``).
     model_kwargs: JSON of further fields for the model's constructor
       (e.g. ``{"depth": 4}`` for a shallower ViT).
     weights: ImageNet ``.pth`` file; ``"auto"``: the offline file if the
@@ -68,6 +71,7 @@ class TrainConfig:
   """
 
   model: str = "mobilenet_v2"
+  api: str = "linen"
   model_kwargs: str = "{}"
   weights: str = "auto"
   method: str = "vanilla,hosvd"
@@ -101,6 +105,10 @@ class TrainConfig:
   no_progress: bool = False
   fresh: bool = False
   interrupt_at: int | None = None
+
+  def __post_init__(self):
+    if self.api not in ("linen", "nnx"):
+      raise ValueError(f"api must be 'linen' or 'nnx', got {self.api!r}")
 
   @classmethod
   def from_flags(cls, flags: Mapping[str, Any]) -> TrainConfig:

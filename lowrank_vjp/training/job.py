@@ -25,6 +25,7 @@ from lowrank_vjp import models
 from lowrank_vjp.training import evaluation as evaluate_lib
 from lowrank_vjp.training import methods
 from lowrank_vjp.training import metrics as metrics_lib
+from lowrank_vjp.training import nnx_step
 from lowrank_vjp.training import programs as programs_lib
 from lowrank_vjp.training import report as report_lib
 from lowrank_vjp.training import step as step_lib
@@ -95,12 +96,17 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
                                                 method)
   x_spec = input_spec(config, config.batch_size)
   image_size = None if spec.inputs == "tokens" else config.image_size
-  layers = lvr.discover(model, x_spec, variables=variables, train=True)
-  plan = lvr.make_plan(layers, make_rules(config, layers, spec, settings))
-  trained, frozen = plan.split(variables)
   tx = make_optimizer(config)
-  state = step_lib.initial_state(trained, tx, step_lib.init_asi_state(
-      model, plan, variables, x_spec))
+  if config.api == "nnx":
+    nnx_job = nnx_step.nnx_training(config, num_classes, variables, x_spec,
+                                    settings, tx, spec, method)
+    plan, state, frozen = nnx_job.plan, nnx_job.state, nnx_job.frozen
+  else:
+    layers = lvr.discover(model, x_spec, variables=variables, train=True)
+    plan = lvr.make_plan(layers, make_rules(config, layers, spec, settings))
+    trained, frozen = plan.split(variables)
+    state = step_lib.initial_state(trained, tx, step_lib.init_asi_state(
+        model, plan, variables, x_spec))
   setup_time = time.perf_counter() - t0
 
   ckpt = Checkpointer(ckpt_dir, every=config.checkpoint_every)
@@ -114,23 +120,33 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   controller = (make_controller(plan, patience=config.rank_patience,
                                 headroom=config.rank_headroom)
                 if config.rank_control == "redo" else None)
-  train_step = step_lib.make_train_step(
-      model, plan, tx, config.seed, image_size,
-      redo_on_overflow=controller is not None)
+  if config.api == "nnx":
+    train_step = nnx_job.make_train_step(
+        config.seed, image_size, redo_on_overflow=controller is not None)
+  else:
+    train_step = step_lib.make_train_step(
+        model, plan, tx, config.seed, image_size,
+        redo_on_overflow=controller is not None)
   ckpt.restore_controller(controller, start)
   batch = lambda step: train.get(train.batch_indices(
       step, config.batch_size, config.seed), image_size)
   images, labels = batch(0)
   compiled = programs_lib.Programs(train_step, state, frozen, images, labels)
-  eval_step = evaluate_lib.make_eval_step(model, image_size)
+  if config.api == "nnx":
+    eval_step = nnx_job.make_eval_step(image_size)
+    eval_variables = lambda state: (state["model"], frozen)
+  else:
+    eval_step = evaluate_lib.make_eval_step(model, image_size)
+    eval_variables = lambda state: step_lib.final_variables(plan, state,
+                                                            frozen)
 
   def held_out(state):
     return evaluate_lib.evaluate_metrics(
-        eval_step, step_lib.final_variables(plan, state, frozen), test,
+        eval_step, eval_variables(state), test,
         image_size=image_size, examples=config.eval_examples,
         batch_size=config.eval_batch_size)
 
-  log(f"[{label}] {config.model}, {len(plan.trainable)} trained layers "
+  log(f"[{label}] {config.model}{' (NNX)' if config.api == 'nnx' else ''}, {len(plan.trainable)} trained layers "
       f"({len(plan.compressed)} through lowrank_vjp), batch "
       f"{tuple(x_spec.shape)}:\n" + plan.describe())
   bar = _progress(config, start, label)

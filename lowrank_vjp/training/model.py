@@ -44,6 +44,27 @@ def neighbours(spec: models.ModelSpec, method: str | None) -> dict[str, Any]:
   return {}
 
 
+def model_kwargs(config: TrainConfig, method: str | None = None
+                 ) -> dict[str, Any]:
+  """The model's constructor fields of a run beside ``num_classes``:
+  ``config.model_kwargs``, a transformer's neighbours (:func:`neighbours`),
+  a language model's ``block_size`` and ``scan``.
+
+  Raises:
+    ValueError: for ``scan`` on a model without transformer blocks.
+  """
+  spec = models.get_spec(config.model)
+  kwargs = {**json.loads(config.model_kwargs), **neighbours(spec, method)}
+  if spec.inputs == "tokens":
+    kwargs["block_size"] = config.seq_len
+  if config.scan:
+    if spec.blocks is None:
+      raise ValueError(f"scan: {config.model} has no transformer blocks to "
+                       "scan over")
+    kwargs["scan"] = True
+  return kwargs
+
+
 def build_model(config: TrainConfig, num_classes: int,
                 log: Callable[[str], object] = print,
                 method: str | None = None):
@@ -66,14 +87,7 @@ def build_model(config: TrainConfig, num_classes: int,
     ...     TrainConfig(weights="none", image_size=32), 10)
   """
   spec = models.get_spec(config.model)
-  kwargs = {**json.loads(config.model_kwargs), **neighbours(spec, method)}
-  if spec.inputs == "tokens":
-    kwargs["block_size"] = config.seq_len
-  if config.scan:
-    if spec.blocks is None:
-      raise ValueError(f"scan: {config.model} has no transformer blocks to "
-                       "scan over")
-    kwargs["scan"] = True
+  kwargs = model_kwargs(config, method)
   path = None
   if config.weights == "auto":
     path = models.default_weights(config.model)

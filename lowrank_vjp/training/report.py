@@ -102,6 +102,7 @@ def make_report(config: TrainConfig, label: str, settings: Mapping[str, Any],
   return {
       "run": label,
       "model": config.model,
+      "api": config.api,
       "pretrained": weights is not None,
       "weights": weights,
       "method": (methods.VANILLA if label == methods.VANILLA
