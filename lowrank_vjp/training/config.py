@@ -98,7 +98,7 @@ class TrainConfig:
   max_batch_budget_mib: float = 0.0
   checkpoint_every: int = 100
   rank_control: str = "redo"
-  rank_patience: int = 100
+  rank_patience: int = 50
   rank_headroom: float = 1.0
   workdir: str = "workdir"
   seed: int = 0

@@ -208,6 +208,17 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   if controller is not None:
     rc = report["rank_control"] = report_lib.rank_control_report(
         controller, compiled, rows)
+    # What the layers hold before the controller has seen a step, and their
+    # shapes: what lowrank_vjp.training.rank_replay needs (an abstract
+    # trace of the probe, cached by jit).
+    probe = jax.eval_shape(lambda *a: train_step(*a)[1]["stats"], state,
+                           frozen, images, labels)
+    rc["layer_shapes"] = {k: list(s.shape) for k, s in probe.items()}
+    rc["initial_capacities"] = {k: list(s.capacity)
+                                for k, s in probe.items()}
+    rc["controller"] = {"per_octave": controller.ladder.per_octave,
+                        "patience": controller.patience,
+                        "headroom": controller.headroom}
     log(f"[{label}] rank control: {rc['compiles']} compiles, "
         f"{controller.redos} redone steps, residual "
         f"{rc['residual_mib_mean']:.3f} MiB vs eps-optimal "

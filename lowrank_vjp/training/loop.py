@@ -54,7 +54,11 @@ def run_step(train_step, controller: lv.RankController | None, state,
   ``controller.key()``; while some layer needed more than its capacity the
   step (built with ``redo_on_overflow=True``, so that it returned its input
   state unchanged, donated or not) is recomputed at the grown capacity, at
-  most ``max_tries`` times.
+  most ``max_tries`` times. Before the controller has seen a step its key
+  is None: that first call, at the configured capacities, is a probe (the
+  step leaves the state unchanged) recomputed at the capacities the
+  controller fits to its needs, so no update ever runs at the configured
+  guess.
 
   Args:
     train_step: ``capacities -> compiled step``, e.g. a

@@ -195,7 +195,10 @@ class NnxTraining:
                 "opt": nnx.state(optimizer)}
 
       operands = (state, forward, frozen, grads)
-      if redo_on_overflow:  # as the Linen step: a conditional, not a select
+      probe = redo_on_overflow and capacities is None  # as the Linen step
+      if probe:
+        new_state = state
+      elif redo_on_overflow:  # as the Linen step: a conditional, not a select
         new_state = jax.lax.cond(overflow, lambda o: o[0], updated, operands)
       else:
         new_state = updated(operands)
@@ -203,7 +206,7 @@ class NnxTraining:
                  "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                  "stats": stats, "overflow": overflow}
       if redo_on_overflow:
-        metrics["redo"] = overflow
+        metrics["redo"] = jnp.ones((), bool) if probe else overflow
       return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else (),

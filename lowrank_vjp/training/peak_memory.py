@@ -112,20 +112,25 @@ class Setting:
             f"{self.image_size}{bn}")
 
 
-def make_step(setting: Setting, name: str, batch: int
-              ) -> tuple[Callable, tuple]:
+def make_step(setting: Setting, name: str, batch: int, *,
+              concrete: bool = False) -> tuple[Callable, tuple]:
   """``(jitted step, example arguments)`` of one method at one batch size.
 
   Args:
     setting: The model and its trained layers.
     name: A key of :data:`METHODS`, or :data:`REMAT`.
     batch: The batch size.
+    concrete: Arrays instead of shapes (the variables, ASI factors and
+      optimizer state built, jitted; random images and labels), to run the
+      very program the peak tables compile.
 
   Returns:
     What :func:`lowrank_vjp.measure.max_batch` asks of ``make_step``: the
     donated step of :func:`~lowrank_vjp.training.make_train_step` and its
-    arguments as ``jax.ShapeDtypeStruct`` s.
+    arguments as ``jax.ShapeDtypeStruct`` s (arrays with ``concrete``).
   """
+  build = ((lambda fn, *a: jax.jit(fn)(*a)) if concrete
+           else jax.eval_shape)
   if name not in METHODS and name != REMAT:
     raise ValueError(f"unknown method {name!r}; known: "
                      f"{list(METHODS) + [REMAT]}")
@@ -139,7 +144,7 @@ def make_step(setting: Setting, name: str, batch: int
   if setting.model == "cnn":
     model = ResidualCNN(remat=remat)
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(
+    variables = build(lambda: model.init(
         jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
     images, image_size = x, None
     head, exclude = "Dense_0", None
@@ -147,7 +152,8 @@ def make_step(setting: Setting, name: str, batch: int
     if remat:
       raise ValueError(f"{REMAT} is measured on the cnn only")
     model, variables, spec, _ = build_model(config, 10, lambda *_: None)
-    variables = jax.eval_shape(lambda: variables)
+    if not concrete:
+      variables = jax.eval_shape(lambda: variables)
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
     image_size = size
@@ -162,12 +168,17 @@ def make_step(setting: Setting, name: str, batch: int
   plan = lvr.make_plan(layers, rules)
   tx = make_optimizer(config)
   trained, frozen = plan.split(variables)
-  asi = jax.eval_shape(lambda v: step_lib.init_asi_state(model, plan, v, x),
-                       variables)
-  state = jax.eval_shape(
-      lambda t, a: step_lib.initial_state(t, tx, a), trained, asi)
+  asi = build(lambda v: step_lib.init_asi_state(model, plan, v, x),
+              variables)
+  state = build(lambda t, a: step_lib.initial_state(t, tx, a), trained, asi)
   step = step_lib.make_train_step(model, plan, tx, 0, image_size)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  if concrete:
+    keys = jax.random.split(jax.random.key(1))
+    images = (jax.random.randint(keys[0], images.shape, 0, 256).astype(
+        images.dtype) if jnp.issubdtype(images.dtype, jnp.integer)
+              else jax.random.normal(keys[0], images.shape, images.dtype))
+    labels = jax.random.randint(keys[1], labels.shape, 0, 10, jnp.int32)
   return step, (state, frozen, images, labels)
 
 

@@ -89,13 +89,17 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     redo_on_overflow: Return the input state unchanged when some layer
       needed more than its capacity (``m["overflow"]``), so that a rank
       controller can recompute the step from it at a grown capacity while
-      the state stays donated (:func:`~lowrank_vjp.training.run_step`).
+      the state stays donated (:func:`~lowrank_vjp.training.run_step`);
+      and always at ``capacities=None`` (the configured capacities, before
+      the controller has seen a step): that call is a probe, recomputed at
+      the capacities the controller fits to what it measured.
 
   Returns:
     The jitted step; ``m`` also holds ``"overflow"`` (``bool[]``: some layer
-    kept less than ε) and, with ``redo_on_overflow``, ``"redo"`` (the same
-    flag: the returned state is the input state). ``state`` (see the module docstring) is donated unless
-    ``donate`` is False; ``frozen`` holds the variables that are not
+    kept less than ε) and, with ``redo_on_overflow``, ``"redo"`` (the
+    returned state is the input state: on overflow, and on the probe).
+    ``state`` (see the module docstring) is donated unless ``donate`` is
+    False; ``frozen`` holds the variables that are not
     differentiated. ``capacities`` (static: one compile per distinct value)
     is a :meth:`lowrank_vjp.RankController.key`, or None for the configured
     capacities.
@@ -154,7 +158,14 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
         new["asi_state"] = asi_state
       return new
 
-    if redo_on_overflow:
+    probe = redo_on_overflow and capacities is None
+    if probe:
+      # The first step of a rank-controlled run: it measures what every
+      # layer needs at the configured capacities and is redone at the
+      # capacities the controller fits to that, so no update is applied at
+      # the configured guess.
+      new_state = {k: state[k] for k in updated(state)}
+    elif redo_on_overflow:
       # A no-op step, to be redone at a grown capacity. A conditional, not a
       # select: with a select XLA kept a copy of the momentum (36 MiB for a
       # whole ResNet34 step training its last four convolutions) to feed
@@ -170,8 +181,8 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
         "stats": stats,
         "overflow": overflow,
     }
-    if redo_on_overflow:
-      metrics["redo"] = overflow  # the state came back unchanged
+    if redo_on_overflow:  # the state came back unchanged
+      metrics["redo"] = jnp.ones((), bool) if probe else overflow
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else (),

@@ -78,6 +78,33 @@ def test_run_step_redoes_an_overflowing_step_with_the_state_donated(tiny):
   assert all(m.alias_bytes > 0 for m in programs.memory.values())
 
 
+def test_the_first_controlled_step_is_a_probe_redone_at_fitted_capacity(tiny):
+  # At full default capacity nothing overflows; the first call still only
+  # measures, and the update is applied at the capacity fitted to the need.
+  settings = training.method_settings(
+      "hosvd", eps=0.5, method_kwargs={"rank_fraction": 1.0})
+  plan = tiny.plan(settings)
+  trained, frozen = plan.split(tiny.variables)
+  tx = training.make_optimizer(CONFIG)
+  fresh = lambda: training.initial_state(jax.tree.map(jnp.copy, trained), tx)
+  step = training.make_train_step(tiny.model, plan, tx, 0, None,
+                                  donate=False, redo_on_overflow=True)
+  state = fresh()
+  probed, metrics = step(state, frozen, tiny.x, tiny.labels)
+  assert bool(metrics["redo"]) and not bool(metrics["overflow"])
+  for a, b in zip(jax.tree.leaves(probed), jax.tree.leaves(state),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  full = metrics["stats"]["conv2"].capacity
+  controller = training.make_controller(plan, patience=10, headroom=1.0)
+  new, metrics = training.run_step(step, controller, fresh(), frozen,
+                                   tiny.x, tiny.labels)
+  assert int(new["step"]) == 1 and not bool(metrics["redo"])
+  held = metrics["stats"]["conv2"].capacity
+  assert held == dict(controller.key())["conv2"]
+  assert np.prod(held) < np.prod(full)
+
+
 @pytest.mark.parametrize("name", ["vanilla", "hosvd", "asi"])
 def test_fit_over_batches(tiny, name):
   plan = tiny.plan(training.method_settings(name, eps=0.9))
@@ -129,12 +156,14 @@ def test_evaluate_metrics_of_a_language_model_per_token():
                          seq_len=100)   # 10 examples
   model = models.GPT(vocab_size=256, block_size=100, n_layer=1, n_head=2,
                      n_embd=16)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 100), jnp.int32))
+  # Jitted (op by op, every operation of the GPT compiled on its own).
+  variables = jax.jit(model.init)(jax.random.key(0),
+                                  jnp.zeros((1, 100), jnp.int32))
   got = training.evaluate_metrics(training.make_eval_step(model, None),
                                   variables, split, image_size=None,
                                   examples=0, batch_size=4)
   x, y = split.get(np.arange(10))
-  logits = model.apply(variables, x)
+  logits = jax.jit(model.apply)(variables, x)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
   assert got["loss"] == pytest.approx(float(ce.mean()), rel=1e-5)
   assert got["accuracy"] == pytest.approx(float(np.mean(
