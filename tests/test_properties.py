@@ -118,7 +118,7 @@ def _case(**overrides):
   return {**base, **overrides}
 
 
-@hypothesis.settings(max_examples=64, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=24, deadline=None, derandomize=True,
                      suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(cases())
 # The cases the probes of the landed library found (always run):
