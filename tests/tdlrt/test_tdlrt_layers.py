@@ -78,12 +78,16 @@ def test_layer_accepts_pretrained_tucker_param():
 
 
 def test_conv_macs_formula():
-  w = lt.random_tucker(jax.random.key(0), (3, 3, 16, 32), (3, 3, 4, 8))
+  # The counts read only the weight's static shapes: abstract weights (an
+  # eager random_tucker compiled each of its operations on its own).
+  w = jax.eval_shape(lambda key: lt.random_tucker(
+      key, (3, 3, 16, 32), (3, 3, 4, 8)), jax.random.key(0))
   full, fact = tdlrt_layers.conv_macs(w, (3, 3), 100, 25, "tucker")
   assert full == 25 * 9 * 16 * 32
   assert fact == 100 * 16 * 4 + 25 * 9 * 4 * 8 + 25 * 8 * 32
-  w = lt.random_tucker(jax.random.key(0), (3, 3, 16, 32), (12, 8),
-                       factorization="matrix")
+  w = jax.eval_shape(lambda key: lt.random_tucker(
+      key, (3, 3, 16, 32), (12, 8), factorization="matrix"),
+                     jax.random.key(0))
   full, fact = tdlrt_layers.conv_macs(w, (3, 3), 100, 25, "matrix")
   assert full == 25 * 9 * 16 * 32
   assert fact == 25 * 9 * 16 * 8 + 25 * 8 * 32
@@ -107,12 +111,15 @@ def test_conv_1d_forward_paths_agree():
 def test_layers_hold_a_tucker_weight_at_the_requested_capacity():
   x = jnp.ones((1, 6, 6, 8))
   conv = lt.TuckerConv(16, (3, 3), ranks=(None, 2, 0.5, 4), init_ranks=2)
-  w = conv.init(jax.random.key(0), x)["params"]["kernel"]
+  # Jitted, as in the tests above (op by op, initialisation compiled each
+  # of its operations on its own).
+  w = jax.jit(conv.init)(jax.random.key(0), x)["params"]["kernel"]
   assert isinstance(w, lt.TuckerWeight) and w.shape == (3, 3, 8, 16)
   assert w.capacity == (3, 2, 4, 4)
   np.testing.assert_array_equal(w.ranks(), [2, 2, 2, 2])
   dense = lt.TuckerDense(10, ranks=3)
-  w = dense.init(jax.random.key(0), jnp.ones((2, 7)))["params"]["kernel"]
+  w = jax.jit(dense.init)(jax.random.key(0), jnp.ones((2, 7)))["params"][
+      "kernel"]
   assert w.shape == (7, 10) and w.capacity == (3, 3)
 
 

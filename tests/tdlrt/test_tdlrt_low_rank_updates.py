@@ -38,8 +38,9 @@ def test_adapters_start_at_base_and_freeze_it(kind):
 
 def test_tucker_adapter_kernel_is_base_plus_delta(x64):
   base = _normal(0, (3, 3, 4, 6))
-  delta = lt.random_tucker(jax.random.key(1), base.shape, (2, 2, 3, 3),
-                           dtype=jnp.float64)
+  # Jitted (op by op, the initialiser compiled each operation on its own).
+  delta = jax.jit(lambda key: lt.random_tucker(
+      key, base.shape, (2, 2, 3, 3), dtype=jnp.float64))(jax.random.key(1))
   w = lt.TuckerAdapter(base, delta)
   ref = base + jnp.einsum("abcd,ia,jb,kc,ld->ijkl", delta.core,
                           *delta.factors)
@@ -71,9 +72,10 @@ def test_tucker_adapter_starts_with_a_zero_core_and_orthonormal_factors():
 
 def test_tucker_adapter_gradient_reaches_the_delta_only(x64):
   base = _normal(4, (4, 5, 6))
-  w = lt.tucker_adapter(jax.random.key(5), base, 2)
+  w = jax.jit(lambda key, base: lt.tucker_adapter(key, base, 2))(
+      jax.random.key(5), base)
   target = _normal(6, base.shape)
-  g = jax.grad(lambda w: jnp.sum((w.kernel() - target) ** 2))(w)
+  g = jax.jit(jax.grad(lambda w: jnp.sum((w.kernel() - target) ** 2)))(w)
   assert np.all(np.asarray(g.base) == 0)
   # ∂L/∂core = 2 (W - target) ×ᵢ Uᵢᵀ: non-zero from the first step.
   resid = 2.0 * (base - target)

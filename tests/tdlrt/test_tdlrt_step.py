@@ -23,7 +23,8 @@ def _regression(shape, key=0, n=32, dtype=jnp.float32, target_ranks=None):
   if target_ranks is None:
     y = jax.random.normal(k2, (n, o), dtype)
   else:
-    tgt = lt.random_tucker(k2, shape, target_ranks, dtype=dtype).kernel()
+    tgt = jax.jit(lambda k: _random_tucker(k, shape, target_ranks,
+                                           dtype=dtype).kernel())(k2)
     y = x @ tgt.reshape(m, o)
 
   def loss_fn(params, batch):
@@ -33,9 +34,18 @@ def _regression(shape, key=0, n=32, dtype=jnp.float32, target_ranks=None):
   return loss_fn, (x, y)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2),
+                   static_argnames=("dtype",))
+def _random_tucker(key, shape, ranks, dtype=jnp.float32):
+  """``lt.random_tucker``, jitted: one compile, not its operations one by
+  one (the initialiser itself is tested eagerly in test_tdlrt_weight.py)."""
+  return lt.random_tucker(key, shape, ranks, dtype=dtype)
+
+
 def _orth_err(u, r):
   eye = np.diag((np.arange(u.shape[1]) < r).astype(np.float64))
-  return float(np.max(np.abs(np.asarray(u.T @ u, np.float64) - eye)))
+  u = np.asarray(u, np.float64)   # in NumPy: no compile per factor shape
+  return float(np.max(np.abs(u.T @ u - eye)))
 
 
 @pytest.mark.parametrize("factorization", ["tucker", "matrix"])
@@ -44,12 +54,13 @@ def test_full_rank_step_is_a_gradient_step(x64, factorization):
   shape, lr = (3, 3, 4, 5), 0.05
   loss_fn, batch = _regression(shape, dtype=jnp.float64)
   kernel = jax.random.normal(jax.random.key(3), shape, jnp.float64)
-  w = lt.tucker_from_kernel(kernel, ranks=None, factorization=factorization)
+  w = jax.jit(lambda k: lt.tucker_from_kernel(
+      k, ranks=None, factorization=factorization))(kernel)
   opt = optax.sgd(lr)
   step = jax.jit(functools.partial(lt.step, loss_fn, opt,
                                    lt.TDLRTConfig(tau=0.0)))
   state, metrics = step(lt.init(opt, {"w": w}), batch)
-  grad = jax.grad(lambda k: loss_fn({"w": k}, batch))(kernel)
+  grad = jax.jit(jax.grad(lambda k: loss_fn({"w": k}, batch)))(kernel)
   np.testing.assert_allclose(state.params["w"].kernel(), kernel - lr * grad,
                              rtol=0, atol=1e-12 * float(jnp.abs(kernel).max()))
   full = [min(n, int(np.prod(w.modes)) // n) for n in w.modes]
@@ -64,11 +75,13 @@ def test_full_rank_momentum_follows_the_rotating_factors(x64):
   opt = optax.sgd(lr, momentum=0.9)
   step = jax.jit(functools.partial(lt.step, loss_fn, opt, lt.TDLRTConfig(
       tau=0.0, align_bases=True)))
-  state = lt.init(opt, {"w": lt.tucker_from_kernel(kernel, ranks=None)})
+  state = lt.init(opt, {"w": jax.jit(
+      lambda k: lt.tucker_from_kernel(k, ranks=None))(kernel)})
   ref, ref_state = kernel, opt.init(kernel)
+  grad = jax.jit(jax.grad(lambda k: loss_fn({"w": k}, batch)))
   for _ in range(3):
     state, _ = step(state, batch)
-    g = jax.grad(lambda k: loss_fn({"w": k}, batch))(ref)
+    g = grad(ref)
     upd, ref_state = opt.update(g, ref_state, ref)
     ref = optax.apply_updates(ref, upd)
   np.testing.assert_allclose(state.params["w"].kernel(), ref, atol=1e-11)
@@ -77,7 +90,7 @@ def test_full_rank_momentum_follows_the_rotating_factors(x64):
 def test_factors_stay_orthonormal_while_ranks_change():
   shape = (3, 8, 8)
   loss_fn, batch = _regression(shape, target_ranks=(2, 2, 3), n=64)
-  w = lt.random_tucker(jax.random.key(1), shape, (3, 5, 5))
+  w = _random_tucker(jax.random.key(1), shape, (3, 5, 5))
   opt = optax.adam(2e-2)
   step = jax.jit(functools.partial(lt.step, loss_fn, opt,
                                    lt.TDLRTConfig(tau=0.1)))
@@ -101,7 +114,7 @@ def test_factors_stay_orthonormal_while_ranks_change():
 def test_loss_falls_and_ranks_are_found():
   shape = (3, 8, 8)
   loss_fn, batch = _regression(shape, target_ranks=(2, 2, 3), n=96)
-  w = lt.random_tucker(jax.random.key(2), shape, (3, 6, 6))
+  w = _random_tucker(jax.random.key(2), shape, (3, 6, 6))
   opt = optax.adam(5e-2)
   step = jax.jit(functools.partial(lt.step, loss_fn, opt,
                                    lt.TDLRTConfig(tau=0.1)))
@@ -124,9 +137,14 @@ def test_truncation_honours_tau(x64, tau):
   core = jnp.pad(core, ((0, 2), (0, 0), (0, 1)))          # masked slots
   active = jnp.array([6, 7, 5])
   capacity = (8, 7, 6)
-  new, projs, kept, needed = lt.truncate_core(core, active, capacity, tau)
+
+  @jax.jit   # one compile per τ (op by op: hundreds of small programs)
+  def truncated(core, active):
+    new, projs, kept, needed = lt.truncate_core(core, active, capacity, tau)
+    return new, projs, kept, needed, algebra.tucker_product(new, projs)
+
+  new, projs, kept, needed, approx = truncated(core, active)
   norm = float(jnp.linalg.norm(core))
-  approx = algebra.tucker_product(new, projs)
   assert float(jnp.linalg.norm(core - approx)) <= np.sqrt(3) * tau * norm
   for i, r in enumerate(np.asarray(kept)):
     s = np.linalg.svd(np.asarray(algebra.unfold(core, i)), compute_uv=False)
@@ -141,7 +159,7 @@ def test_truncation_honours_tau(x64, tau):
 def test_adaptive_modes_keep_the_other_factors():
   shape = (3, 6, 6)
   loss_fn, batch = _regression(shape, target_ranks=(3, 2, 2), n=48)
-  w = lt.random_tucker(jax.random.key(3), shape, (None, 4, 4))
+  w = _random_tucker(jax.random.key(3), shape, (None, 4, 4))
   opt = optax.adam(5e-2)
   config = lt.TDLRTConfig(tau=0.1, adaptive_modes=(-2, -1))
   assert config.modes(3) == (1, 2) and config.modes(2) == (0, 1)
@@ -208,7 +226,8 @@ def test_tucker_adapter_trains_with_tdlrt():
   shape = (3, 6, 6)
   loss_fn, batch = _regression(shape, n=48)
   base = 0.1 * jax.random.normal(jax.random.key(7), shape)
-  params = {"w": lt.tucker_adapter(jax.random.key(8), base, (3, 3, 3))}
+  params = {"w": jax.jit(lambda k, b: lt.tucker_adapter(k, b, (3, 3, 3)))(
+      jax.random.key(8), base)}
   opt = optax.adam(1e-2)
   step = jax.jit(functools.partial(lt.step, loss_fn, opt,
                                    lt.TDLRTConfig(tau=0.1)))

@@ -22,6 +22,14 @@ def _normal(key, shape, dtype=jnp.float64):
   return jax.random.normal(jax.random.key(key), shape, dtype)
 
 
+def _random_tucker(key, shape, ranks, **kwargs):
+  """``lt.random_tucker`` jitted, for the tests that only need a weight (op
+  by op, it compiled each of its operations on its own; the tests of the
+  initialiser below call it as users do)."""
+  return jax.jit(lambda key: lt.random_tucker(key, shape, ranks, **kwargs))(
+      key)
+
+
 # ------------------------------------------------- the kernel it stands for
 
 
@@ -165,8 +173,8 @@ def test_capacities_of_a_matrix_factorization():
   modes = lt.mode_sizes((3, 3, 4, 6), "matrix")
   assert lt.capacities(modes, None) == (36, 6)
   assert lt.capacities(modes, 0.5) == (18, 3)
-  w = lt.random_tucker(jax.random.key(0), (3, 3, 4, 6), 0.5,
-                       factorization="matrix")
+  w = _random_tucker(jax.random.key(0), (3, 3, 4, 6), 0.5,
+                     factorization="matrix")
   assert w.capacity == (18, 3) and w.kernel().shape == (3, 3, 4, 6)
 
 
@@ -247,8 +255,8 @@ def test_random_tucker_stddev_and_dtype(x64):
 
 def test_basis_form_value_and_gradient(x64):
   """``∂L/∂U_i = ∂L/∂K_i · S_iᵀ`` with ``unfold(C, i) = S_i Q_iᵀ``."""
-  w = lt.random_tucker(jax.random.key(0), (3, 4, 5), (3, 3, 4),
-                       init_ranks=(2, 3, 3), dtype=jnp.float64)
+  w = _random_tucker(jax.random.key(0), (3, 4, 5), (3, 3, 4),
+                     init_ranks=(2, 3, 3), dtype=jnp.float64)
   target = jax.random.normal(jax.random.key(1), (3, 4, 5), jnp.float64)
   loss = lambda fs, form: jnp.sum(jnp.sin(lt.TuckerWeight(
       w.core, fs, w.shape, form).kernel() - target) ** 2)
@@ -273,9 +281,9 @@ def test_basis_form_value_and_gradient(x64):
 
 
 def test_basis_modes_limit_which_factors_get_gradients(x64):
-  w = lt.random_tucker(jax.random.key(2), (3, 4, 5), (2, 3, 3),
-                       dtype=jnp.float64)
-  grads = jax.grad(lambda ws: jnp.sum(ws.kernel() ** 2))(
+  w = _random_tucker(jax.random.key(2), (3, 4, 5), (2, 3, 3),
+                     dtype=jnp.float64)
+  grads = jax.jit(jax.grad(lambda ws: jnp.sum(ws.kernel() ** 2)))(
       w.with_form("basis", (1,)))
   assert np.all(np.asarray(grads.factors[0]) == 0)
   assert np.all(np.asarray(grads.factors[2]) == 0)
@@ -288,8 +296,8 @@ def test_basis_modes_limit_which_factors_get_gradients(x64):
 
 
 def test_materialize_a_nested_tree(x64):
-  w = lt.random_tucker(jax.random.key(0), (3, 3, 2, 4), 0.5,
-                       dtype=jnp.float64)
+  w = _random_tucker(jax.random.key(0), (3, 3, 2, 4), 0.5,
+                     dtype=jnp.float64)
   base = _normal(1, (6, 5))
   lora = lt.lora_adapter(jax.random.key(2), base, 2)
   lora = lt.LoRAWeight(lora.base, lora.a, _normal(3, (2, 5)), lora.scale)
@@ -340,8 +348,9 @@ def test_materialize_and_unchanged_model():
 
 
 def test_materialize_passes_gradients_to_core_and_factors(x64):
-  w = lt.random_tucker(jax.random.key(6), (4, 5), (2, 3), dtype=jnp.float64)
-  g = jax.grad(lambda p: jnp.sum(lt.materialize(p)["k"] ** 2))({"k": w})["k"]
+  w = _random_tucker(jax.random.key(6), (4, 5), (2, 3), dtype=jnp.float64)
+  g = jax.jit(jax.grad(lambda p: jnp.sum(lt.materialize(p)["k"] ** 2)))(
+      {"k": w})["k"]
   assert isinstance(g, lt.TuckerWeight)
   # ∂‖W‖²/∂core = 2 · W ×ᵢ Uᵢᵀ.
   ref = 2.0 * algebra.tucker_product(w.kernel(),

@@ -38,30 +38,37 @@ def resnet():
   return model, variables, x
 
 
+def _block_inputs(model, variables, x, block):
+  # Jitted, as are the applies below (op by op, every operation of the
+  # ResNet compiled on its own: seconds a test).
+  return jax.jit(lambda v, x: cf.block_inputs(model, v, x, block,
+                                              train=False))(variables, x)
+
+
 def test_from_block_equals_the_whole_model(resnet):
   model, variables, x = resnet
   block = "layer4/0"
-  feats = cf.block_inputs(model, variables, x, block, train=False)
+  feats = _block_inputs(model, variables, x, block)
   assert feats.shape == (2, 2, 2, 256)
   tail = cf.FromBlock(model, block, x.shape)
-  want = model.apply(variables, x, train=False)
-  got = tail.apply(variables, feats, train=False)
+  want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  got = jax.jit(lambda v, f: tail.apply(v, f, train=False))(variables, feats)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_from_block_gradient_equals_the_whole_model(resnet):
   model, variables, x = resnet
   block = "layer4/1"
-  feats = cf.block_inputs(model, variables, x, block, train=False)
+  feats = _block_inputs(model, variables, x, block)
   tail = cf.FromBlock(model, block, x.shape)
 
   def loss(params, apply, inputs):
     v = {**variables, "params": params}
     return jnp.sum(jnp.square(apply(v, inputs, train=False)))
 
-  want = jax.grad(loss)(variables["params"], model.apply, x)
-  got = jax.jit(jax.grad(loss), static_argnums=1)(variables["params"],
-                                                  tail.apply, feats)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # op by op: seconds
+  want = grad(variables["params"], model.apply, x)
+  got = grad(variables["params"], tail.apply, feats)
   for a, b in ((got["layer4"]["1"], want["layer4"]["1"]),
                (got["fc"], want["fc"])):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
@@ -75,7 +82,7 @@ def test_the_prefix_is_not_compiled(resnet):
   """The jitted tail has no convolution before the cut."""
   model, variables, x = resnet
   block = "layer4/1"
-  feats = cf.block_inputs(model, variables, x, block, train=False)
+  feats = _block_inputs(model, variables, x, block)
   tail = cf.FromBlock(model, block, x.shape)
   hlo = jax.jit(lambda v, f: tail.apply(v, f, train=False)).lower(
       variables, feats).compile().as_text()
@@ -88,4 +95,4 @@ def test_the_prefix_is_not_compiled(resnet):
 def test_block_inputs_rejects_an_unknown_block(resnet):
   model, variables, x = resnet
   with pytest.raises(ValueError, match="called 0 times"):
-    cf.block_inputs(model, variables, x, "layer9/0", train=False)
+    _block_inputs(model, variables, x, "layer9/0")
