@@ -336,7 +336,8 @@ def test_asi_linen_first_step_is_the_exact_hosvd():
   dw, pure_state = _pure_asi(
       params, x, g, lv.methods.AsiState.init(x.shape, capacity), 0.5)
   assert _rel_err(dp["kernel"], dw) < 1e-5
-  exact, _ = decompositions.tucker_compress(x, capacity, 1.0, "hosvd")
+  exact, _ = jax.jit(lambda x: decompositions.tucker_compress(  # one compile
+      x, capacity, 1.0, "hosvd"))(x)
   new = _as_asi_state(new_state, capacity)
   assert bool(new.started)
   for u, v, e in zip(_factors(new, capacity), _factors(pure_state, capacity),
@@ -736,8 +737,10 @@ def test_init_sows_no_statistics_so_its_variables_cannot_grow_them():
   """init's "compression" merged into apply's variables grew every step."""
   layer = nn.Conv(4, (3, 3), conv_general_dilated_cls=lvf.conv_cls("hosvd"))
   x = jnp.ones((2, 5, 5, 3))
-  variables = layer.init(jax.random.key(0), x)
+  # Jitted (op by op, the HOSVD compiled every operation on its own).
+  variables = jax.jit(layer.init)(jax.random.key(0), x)
   assert "compression" not in variables
+  apply = jax.jit(lambda v, x: layer.apply(v, x, mutable=["compression"]))
   for _ in range(2):   # each step from init's variables: one entry, always
-    _, state = layer.apply(variables, x, mutable=["compression"])
+    _, state = apply(variables, x)
     assert lvf.collect_stats(state)[""].needed_ranks.shape == (4,)

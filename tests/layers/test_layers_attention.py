@@ -21,9 +21,12 @@ def _qkv(seed=0, t=T, s=S, n=N, k=K, h=H, b=B):
 
 
 def _grads(f, q, k, v, w, bias=None):
+  """``f``'s output and its gradients, in one jitted program (op by op,
+  the blockwise loop's every operation compiled on its own: seconds)."""
   args = (q, k, v) if bias is None else (q, k, v, bias)
   loss = lambda *a: jnp.sum(f(*a) * w)
-  return f(*args), jax.grad(loss, tuple(range(len(args))))(*args)
+  return jax.jit(lambda *a: (f(*a), jax.grad(loss, tuple(range(len(a))))(
+      *a)))(*args)
 
 
 MASK = jax.random.bernoulli(jax.random.PRNGKey(9), 0.7, (B, 1, T, S))
@@ -68,7 +71,8 @@ def test_fully_masked_query_averages_the_values_as_jax_does():
 def test_unbatched_and_custom_scale():
   q, k, v, _ = _qkv()
   np.testing.assert_allclose(
-      lv.dot_product_attention(q[0], k[0], v[0], scale=0.3, block_size=4),
+      jax.jit(lambda q, k, v: lv.dot_product_attention(
+          q, k, v, scale=0.3, block_size=4))(q[0], k[0], v[0]),
       jax.nn.dot_product_attention(q[0], k[0], v[0], scale=0.3), atol=1e-6)
 
 

@@ -29,14 +29,15 @@ def _loss_and_grads(module, x, params, stats, running):
   """Loss, (d params, d x), output and new batch_stats of a BatchNorm."""
   w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
 
-  def loss(p, x):
+  def loss(p, x, stats, w):
     y, state = module.apply({"params": p, "batch_stats": stats}, x,
                             use_running_average=running,
                             mutable=["batch_stats", "compression"])
     return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w), (y, state)
 
-  (l, (y, state)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(
-      params, x)
+  # Jitted: op by op, every operation compiled on its own (seconds a test).
+  (l, (y, state)), grads = jax.jit(jax.value_and_grad(
+      loss, (0, 1), has_aux=True))(params, x, stats, w)
   return l, grads, y, state["batch_stats"]
 
 
@@ -137,7 +138,8 @@ def test_gradients_through_returned_statistics():
     y = (x - m) * jax.lax.rsqrt(v + 1e-5)
     return jnp.sum(y * w) + jnp.sum(m**2) + jnp.sum(jnp.sqrt(v))
 
-  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x),
+  np.testing.assert_allclose(jax.jit(jax.grad(ours))(x),
+                             jax.jit(jax.grad(reference))(x),
                              rtol=1e-4, atol=1e-6)
 
 
@@ -155,8 +157,8 @@ def test_statistics_over_a_named_axis():
     y = (x - m) * (jax.lax.rsqrt(jnp.maximum(0.0, m2 - m * m) + 1e-5) * scale)
     return jnp.sum(y * w) + jnp.sum(m**2)
 
-  got = jax.vmap(jax.grad(ours), axis_name="d")(x)
-  want = jax.vmap(jax.grad(reference), axis_name="d")(x)
+  got = jax.jit(jax.vmap(jax.grad(ours), axis_name="d"))(x)
+  want = jax.jit(jax.vmap(jax.grad(reference), axis_name="d"))(x)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 

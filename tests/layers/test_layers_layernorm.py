@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ import lowrank_vjp.flax as lvf
 X = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 32)) * 2.0 + 0.5
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _run(module, x=X):
+  # Jitted: op by op, every operation compiled on its own (seconds a test).
   params = module.init(jax.random.PRNGKey(1), x)["params"]
   params = jax.tree.map(
       lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)

@@ -95,17 +95,23 @@ def test_xla_memory_fields():
 def test_layer_table_counts_paper_formula_at_needed_ranks():
   # Exactly multilinear rank (2, 3, 1, 2) activation: the analytic count is
   # (Π K + Σ I·K) · 4 bytes at those ranks, the saved bytes at the capacity.
-  key = jax.random.PRNGKey(3)
-  k = jax.random.split(key, 5)
-  core = jax.random.normal(k[0], (2, 3, 1, 2))
   shape = (6, 8, 8, 5)
-  x = core
-  for axis, (n, r) in enumerate(zip(shape, core.shape)):
-    u = jnp.linalg.qr(jax.random.normal(k[axis + 1], (n, r)))[0]
-    x = jnp.moveaxis(jnp.tensordot(x, u, axes=([axis], [1])), -1, axis)
+
+  @jax.jit   # one compile (op by op: every operation on its own)
+  def activation(key):
+    k = jax.random.split(key, 5)
+    core = jax.random.normal(k[0], (2, 3, 1, 2))
+    x = core
+    for axis, (n, r) in enumerate(zip(shape, core.shape)):
+      u = jnp.linalg.qr(jax.random.normal(k[axis + 1], (n, r)))[0]
+      x = jnp.moveaxis(jnp.tensordot(x, u, axes=([axis], [1])), -1, axis)
+    return x
+
+  x = activation(jax.random.PRNGKey(3))
   w = jnp.ones((3, 3, 5, 4))
   conv = lv.compressed_conv(method="hosvd", eps=0.999, ranks=(3, 4, 4, 3))
-  _, stats = conv.with_stats(x, w, (1, 1), "SAME", dimension_numbers=DN)
+  _, stats = jax.jit(lambda x, w: conv.with_stats(
+      x, w, (1, 1), "SAME", dimension_numbers=DN))(x, w)
   np.testing.assert_array_equal(stats.needed_ranks, [2, 3, 1, 2])
   (row,) = lv.measure.layer_table({"conv": stats})
   assert row.analytic_bytes == 4 * (2 * 3 * 1 * 2 + 6 * 2 + 8 * 3 + 8 * 1

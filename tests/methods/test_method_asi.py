@@ -1,5 +1,7 @@
 """Warm-started subspace iteration (methods/asi.py) against the exact HOSVD."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,11 @@ from lowrank_vjp._src.tensor import hosvd
 DN = ("NHWC", "HWIO", "NHWC")
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "rank"))
 def _drifting(step, shape=(8, 10, 10, 12), rank=(3, 4, 4, 5), noise=0.05):
-  """A Tucker tensor whose factors rotate slowly with ``step``, plus noise."""
+  """A Tucker tensor whose factors rotate slowly with ``step``, plus noise
+  (jitted, as the helpers below: op by op, every operation compiled on its
+  own)."""
   key = jax.random.PRNGKey(0)
   keys = jax.random.split(key, 2 * len(shape) + 2)
   core = jax.random.normal(keys[0], rank)
@@ -28,19 +33,26 @@ def _drifting(step, shape=(8, 10, 10, 12), rank=(3, 4, 4, 5), noise=0.05):
                                        shape)
 
 
+@jax.jit
+def _rel_err_of(res, x):
+  return jnp.linalg.norm(res.reconstruct() - x) / jnp.linalg.norm(x)
+
+
 def _rel_err(res, x):
-  return float(jnp.linalg.norm(res.reconstruct() - x) / jnp.linalg.norm(x))
+  return float(_rel_err_of(res, x))
 
 
 def test_warm_steps_track_exact_hosvd():
   capacity = (3, 4, 4, 5)
   state = asi.AsiState.init((8, 10, 10, 12), capacity)
   step_fn = jax.jit(lambda x, s: asi.asi_compress(x, s, capacity))
+  exact_fn = jax.jit(lambda x: hosvd.tucker_compress(x, capacity, 1.0,
+                                                     "hosvd"))
   gaps = []
   for step in range(8):
     x = _drifting(step)
     res, stats, state = step_fn(x, state)
-    exact, _ = hosvd.tucker_compress(x, capacity, 1.0, "hosvd")
+    exact, _ = exact_fn(x)
     gaps.append(_rel_err(res, x) - _rel_err(exact, x))
     # Factors stay orthonormal.
     assert sorted(state.factors) == ["0", "1", "2", "3"]
@@ -65,8 +77,9 @@ def test_full_rank_gradients_are_exact():
 
   ref = jax.grad(lambda w, x: jnp.sum(jnp.sin(lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=DN))), argnums=(0, 1))(w, x)
-  for _ in range(2):   # cold, then warm
-    (g, state) = jax.grad(loss, argnums=(0, 1), has_aux=True)(w, x, state)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  for _ in range(2):   # cold, then warm (one program: started is traced)
+    (g, state) = grad(w, x, state)
     for a, b in zip(g, ref, strict=True):
       np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
   assert bool(state.started)
@@ -76,8 +89,9 @@ def test_zero_activation_is_finite():
   capacity = (2, 2, 2, 2)
   state = asi.AsiState.init((4, 5, 5, 3), capacity)
   x = jnp.zeros((4, 5, 5, 3))
-  _, _, state = asi.asi_compress(x, state, capacity)
-  res, stats, _ = asi.asi_compress(x, state, capacity)
+  compress = jax.jit(lambda x, s: asi.asi_compress(x, s, capacity))
+  _, _, state = compress(x, state)   # cold
+  res, stats, _ = compress(x, state)  # warm
   assert bool(jnp.all(jnp.isfinite(res.core)))
   assert bool(jnp.all(stats.kept_energy == 1.0))
 
@@ -173,7 +187,7 @@ def test_state_dtype_is_stable_under_x64(x64):
     w = jnp.ones((3, 3, 2, 2), dtype)
     conv = lv.compressed_conv(method=lv.methods.Asi(rank_fraction=0.5))
     state = conv.init_state(x, w, (1, 1), "SAME", dimension_numbers=_DN)
-    _, _, new = conv.with_state(x, w, (1, 1), "SAME", dimension_numbers=_DN,
-                                state=state)
+    _, _, new = jax.jit(lambda x, w, state, conv=conv: conv.with_state(
+        x, w, (1, 1), "SAME", dimension_numbers=_DN, state=state))(x, w, state)
     for key in state.factors:
       assert state.factors[key].dtype == new.factors[key].dtype == dtype

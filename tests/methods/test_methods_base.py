@@ -242,17 +242,20 @@ def test_exact_user_method_passes_check_grads(x64):
   del x64
   w, x = _inputs((2, 5, 5, 2), (3, 3, 2, 3), jnp.float64)
   conv = lv.compressed_conv(method=Exact())
-  jax.test_util.check_grads(_conv_loss(conv), (w, x), order=1, modes=["rev"])
+  # Jitted: check_grads calls the function and its VJP many times, each
+  # op by op otherwise.
+  jax.test_util.check_grads(jax.jit(_conv_loss(conv)), (w, x), order=1,
+                            modes=["rev"])
   dense = lv.compressed_dense(method=Exact())
   wd, xd = _inputs((3, 4, 6), (6, 5), jnp.float64)
-  jax.test_util.check_grads(_dense_loss(dense), (wd, xd), order=1,
+  jax.test_util.check_grads(jax.jit(_dense_loss(dense)), (wd, xd), order=1,
                             modes=["rev"])
 
 
 def test_user_method_dense_gradients():
   w, x = _inputs((3, 4, 6), (6, 5))
-  got = jax.grad(_dense_loss(lv.compressed_dense(method=Bf16())),
-                 argnums=(0, 1))(w, x)
+  got = jax.jit(jax.grad(_dense_loss(lv.compressed_dense(method=Bf16())),
+                         argnums=(0, 1)))(w, x)
   want = jax.grad(_dense_loss(lax.dot_general), argnums=(0, 1))(w, x)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
   err = float(jnp.linalg.norm(got[0] - want[0]) / jnp.linalg.norm(want[0]))
@@ -294,23 +297,24 @@ def test_user_method_in_flax_and_rules():
         y, _ = net.apply({"params": params}, x, mutable=["compression"])
     return jnp.sum(y ** 2)
 
-  want = jax.grad(lambda p: loss(_Net(), p))(params)
+  # Jitted gradients (op by op, every operation compiled on its own).
+  want = jax.jit(jax.grad(lambda p: loss(_Net(), p)))(params)
   adapter = _Net(conv_cls=lvf.conv_cls(Exact()))
-  by_adapter = jax.grad(lambda p: loss(adapter, p))(params)
+  by_adapter = jax.jit(jax.grad(lambda p: loss(adapter, p)))(params)
   _, sown = adapter.apply({"params": params}, x, mutable=["compression"])
   assert lvf.collect_stats(sown)["conv"].method == "exact"
   # Through a rule, on a model that does not mention the method.
   plan = lvr.plan(_Net(), [lvr.Rule("conv", Exact()), lvr.Rule("head")], x)
   assert plan.compressed == (("conv", Exact()),)
-  by_rule = jax.grad(lambda p: loss(_Net(), p, plan))(params)
+  by_rule = jax.jit(jax.grad(lambda p: loss(_Net(), p, plan)))(params)
   for a, b, c in zip(jax.tree_util.tree_leaves(by_adapter),
                      jax.tree_util.tree_leaves(want),
                      jax.tree_util.tree_leaves(by_rule)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-6)
   # bfloat16 in Flax: the weight gradient moves, the rest stays exact.
-  bf = jax.grad(lambda p: loss(_Net(conv_cls=lvf.conv_cls(Bf16())), p))(
-      params)
+  bf = jax.jit(jax.grad(
+      lambda p: loss(_Net(conv_cls=lvf.conv_cls(Bf16())), p)))(params)
   np.testing.assert_allclose(bf["head"]["kernel"], want["head"]["kernel"],
                              rtol=1e-2, atol=1e-3)
   err = float(jnp.linalg.norm(bf["conv"]["kernel"] - want["conv"]["kernel"])

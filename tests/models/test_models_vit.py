@@ -26,10 +26,12 @@ def _grads(model, params):
 
 def test_exact_neighbours_equal_the_vanilla_model():
   vanilla = models.ViT.vanilla(**KW)
-  params = vanilla.init(jax.random.PRNGKey(1), IMAGES)["params"]
-  params = jax.tree.map(   # a non-zero head, so that every gradient flows
+  # Jitted (op by op, initialisation compiled every operation on its own).
+  params = jax.jit(vanilla.init)(jax.random.PRNGKey(1), IMAGES)["params"]
+  params = jax.jit(lambda params: jax.tree.map(
+      # a non-zero head, so that every gradient flows
       lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
-      params)
+      params))(params)
   y0, g0 = _grads(vanilla, params)
   y1, g1 = _grads(models.ViT(norm_method=None, activation="jax", **KW),
                   params)

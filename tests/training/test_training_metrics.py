@@ -17,8 +17,10 @@ def _stats(method, **settings):
   conv = nn.Conv(8, (3, 3), conv_general_dilated_cls=lvf.conv_cls(
       method=method, **settings))
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
-  variables = {"params": conv.init(jax.random.key(1), x)["params"]}
-  _, state = conv.apply(variables, x, mutable=["compression"])
+  # Jitted (op by op, the HOSVD compiled every operation on its own).
+  variables = {"params": jax.jit(conv.init)(jax.random.key(1), x)["params"]}
+  _, state = jax.jit(lambda v, x: conv.apply(v, x, mutable=["compression"]))(
+      variables, x)
   return jax.device_get(lvf.collect_stats(state))
 
 
