@@ -120,6 +120,10 @@ def parse(argv=None):
                  help="fresh processes at a time in the peak section")
   p.add_argument("--step-jobs", type=int, default=4,
                  help="step section: processes compiling at a time")
+  p.add_argument("--dtype", default="float32",
+                 choices=("float32", "bfloat16", "float16"),
+                 help="compute dtype of the step and peak sections (train.py's "
+                 "--dtype; parameters stay float32)")
   p.add_argument("--step-batch", type=int, default=64)
   p.add_argument("--step-size", type=int, default=224)
   p.add_argument("--step-layers", default="4")
@@ -366,7 +370,8 @@ def _spec(args, section: str, name: str, setting: pm.Setting, batch: int,
           **extra) -> dict:
   return dict(section=section, method=name, settings=ROWS[name][1],
               setting=dict(model=setting.model, k=setting.k,
-                           image_size=setting.image_size),
+                           image_size=setting.image_size,
+                           dtype=setting.dtype),
               batch=batch, warmup=args.warmup, smoke=args.smoke, **extra)
 
 
@@ -415,7 +420,8 @@ def _launch_all(specs, jobs, events, log_dir, deadline, rows, until):
 
 def run_step_section(args, deadline, log_dir) -> dict:
   """Compile in fresh processes, time them in interleaved rounds, peaks."""
-  setting = pm.Setting(args.model, args.step_layers, args.step_size)
+  setting = pm.Setting(args.model, args.step_layers, args.step_size,
+                       dtype=args.dtype)
   events: queue.Queue = queue.Queue()
   rows = {n: {"method": n, "settings": ROWS[n][1]} for n in args.names}
   ready: list[Child] = []
@@ -484,7 +490,8 @@ def run_step_section(args, deadline, log_dir) -> dict:
 
 def run_peak_section(args, deadline, log_dir) -> dict:
   """Allocator peaks in fresh processes, then the largest-batch searches."""
-  setting = pm.Setting(args.model, args.peak_layers, args.peak_size)
+  setting = pm.Setting(args.model, args.peak_layers, args.peak_size,
+                       dtype=args.dtype)
   budget = int(args.budget_mib * MiB)
   events: queue.Queue = queue.Queue()
   rows = {n: {"method": n, "settings": ROWS[n][1]} for n in args.names}

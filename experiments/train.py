@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--api", default=D.api, choices=("linen", "nnx"),
                  help="Flax API of the model: linen, or nnx (the NNX "
                       "MobileNetV2/ResNets, lowrank_vjp.nnx.apply)")
+  p.add_argument("--dtype", default=D.dtype,
+                 choices=("float32", "bfloat16", "float16"),
+                 help="compute dtype: parameters and optimizer state stay "
+                      "float32; float16 scales its loss dynamically")
   p.add_argument("--model-kwargs", default=D.model_kwargs,
                  help="JSON of further fields for the model, e.g. "
                  "'{\"depth\": 4}' (vit_tiny) or '{\"n_layer\": 8}' "

@@ -10,11 +10,12 @@ from lowrank_vjp._src.flax.linen import (
 from lowrank_vjp._src.flax.linen import (
     CompressedDotGeneral as CompressedDotGeneral,
 )
-from lowrank_vjp._src.flax.linen import conv_cls as conv_cls
-from lowrank_vjp._src.flax.linen import dense_cls as dense_cls
 from lowrank_vjp._src.flax.linen import (
     StatsDroppedWarning as StatsDroppedWarning,
 )
+from lowrank_vjp._src.flax.linen import conv_cls as conv_cls
+from lowrank_vjp._src.flax.linen import dense_cls as dense_cls
+from lowrank_vjp._src.flax.precision import compute_dtype as compute_dtype
 from lowrank_vjp._src.flax.stats import COLLECTION as COLLECTION
 from lowrank_vjp._src.flax.stats import collect_stats as collect_stats
 from lowrank_vjp._src.layers.batchnorm import FrozenBatchNorm as FrozenBatchNorm
@@ -33,6 +34,7 @@ __all__ = (
     "RMSNorm",
     "StatsDroppedWarning",
     "collect_stats",
+    "compute_dtype",
     "conv_cls",
     "dense_cls",
 )

@@ -52,6 +52,9 @@ from lowrank_vjp._src.nnx.plan import compressed_paths as compressed_paths
 from lowrank_vjp._src.nnx.plan import discover as discover
 from lowrank_vjp._src.nnx.plan import restore as restore
 from lowrank_vjp._src.nnx.plan import stats as stats
+from lowrank_vjp._src.nnx.precision import (
+    set_compute_dtype as set_compute_dtype,
+)
 from lowrank_vjp._src.nnx.variables import Compression as Compression
 from lowrank_vjp._src.nnx.variables import MethodState as MethodState
 
@@ -67,5 +70,6 @@ __all__ = (
     "compressed_paths",
     "discover",
     "restore",
+    "set_compute_dtype",
     "stats",
 )

@@ -12,6 +12,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
+import tempfile
+import uuid
 
 # OpenBLAS's spinning worker threads slow small LAPACK calls (eigh, qr) by two
 # orders of magnitude when the cores are shared (seen: 9 ms -> 2.7 s).
@@ -30,6 +33,39 @@ if "xla_backend_optimization_level" not in _flags:
 import jax  # noqa: E402
 import numpy as np
 import pytest
+
+# Many tests compile the same programs (train.py's steps under several
+# flags, the same model in several files). JAX's persistent cache, in a
+# folder of this run's own that ``pytest -n`` workers share and that is
+# deleted when the run ends (every run starts cold, as CI does), compiles
+# each distinct program once. LOWRANK_VJP_TEST_COMPILE_CACHE=0 turns it off.
+_CACHE = os.environ.get("LOWRANK_VJP_TEST_COMPILE_CACHE", "1") != "0"
+
+
+def _cache_dir(run: str) -> str:
+  return os.path.join(tempfile.gettempdir(),
+                      f"lowrank_vjp_tests_{os.getuid()}", run)
+
+
+if _CACHE:
+  jax.config.update("jax_compilation_cache_dir", _cache_dir(
+      os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_configure(config):
+  # Under pytest -n the workers' folder is named by the run's id: fix it
+  # here so that the controller can delete the folder at the end.
+  if (not hasattr(config, "workerinput")
+      and getattr(config.option, "testrunuid", "") is None):
+    config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_unconfigure(config):
+  if _CACHE and not hasattr(config, "workerinput"):
+    for run in (getattr(config.option, "testrunuid", None), os.getpid()):
+      if run:
+        shutil.rmtree(_cache_dir(str(run)), ignore_errors=True)
 
 
 @pytest.fixture

@@ -73,7 +73,11 @@ def after(x: jax.Array, g: jax.Array) -> jax.Array:
   if not g.size:
     return x
   first = jax.lax.slice(g.reshape(-1), (0,), (1,))[0]
-  return jnp.where(_never([_word(first)]), jnp.zeros_like(x), x)
+  # The never-taken branch reads g too: with zeros there, an ``x`` of zeros
+  # (a loop's starting carry) would make both branches equal, and XLA would
+  # fold the select and the pin away.
+  return jnp.where(_never([_word(first)]),
+                   jnp.full(x.shape, first).astype(x.dtype), x)
 
 
 def materialized(fn, x: jax.Array):

@@ -22,6 +22,9 @@ class TrainConfig:
     api: ``"linen"`` (default) or ``"nnx"``: the same job through Flax NNX
       (:mod:`lowrank_vjp.training.nnx_step`; the CNNs of
       ``lowrank_vjp.models.nnx``).
+    dtype: Compute dtype, ``"float32"`` (default), ``"bfloat16"`` or
+      ``"float16"``: parameters, optimizer state and BatchNorm running
+      averages stay float32 (:mod:`lowrank_vjp.training.precision`).
     model_kwargs: JSON of further fields for the model's constructor
       (e.g. ``{"depth": 4}`` for a shallower ViT).
     weights: ImageNet ``.pth`` file; ``"auto"``: the offline file if the
@@ -72,6 +75,7 @@ class TrainConfig:
 
   model: str = "mobilenet_v2"
   api: str = "linen"
+  dtype: str = "float32"
   model_kwargs: str = "{}"
   weights: str = "auto"
   method: str = "vanilla,hosvd"
@@ -109,6 +113,9 @@ class TrainConfig:
   def __post_init__(self):
     if self.api not in ("linen", "nnx"):
       raise ValueError(f"api must be 'linen' or 'nnx', got {self.api!r}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError("dtype must be 'float32', 'bfloat16' or 'float16', "
+                       f"got {self.dtype!r}")
 
   @classmethod
   def from_flags(cls, flags: Mapping[str, Any]) -> TrainConfig:

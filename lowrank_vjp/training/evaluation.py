@@ -8,16 +8,19 @@ import numpy as np
 import optax
 
 from lowrank_vjp import models
+from lowrank_vjp._src.flax import precision as flax_precision
 from lowrank_vjp.training.data import Split
 
 
-def make_eval_step(model, image_size: int | None):
+def make_eval_step(model, image_size: int | None, dtype=None):
   """``eval_step(variables, inputs, labels, mask) -> (correct, loss, count)``.
 
   Args:
     model: The Linen model, applied with ``train=False``.
     image_size: Side of the images for :func:`lowrank_vjp.models.preprocess`;
       None feeds the inputs as they are (tokens).
+    dtype: Compute dtype (:func:`lowrank_vjp.flax.compute_dtype`), as the
+      training step's; None: float32. The loss is taken in float32.
 
   Returns:
     The jitted step, over the ``mask``-ed examples (``bool[N]``): how many
@@ -29,7 +32,11 @@ def make_eval_step(model, image_size: int | None):
   def eval_step(variables, inputs, labels, mask):
     x = inputs if image_size is None else models.preprocess(inputs,
                                                             image_size)
-    logits = model.apply(variables, x, train=False)
+    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(dtype)
+    with flax_precision.compute_dtype(dtype):
+      logits = model.apply(variables, x, train=False)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (ce.ndim - 1)),
                          ce.shape)

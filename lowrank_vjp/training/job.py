@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import lowrank_vjp.rules as lvr
 from lowrank_vjp import models
 from lowrank_vjp.training import evaluation as evaluate_lib
-from lowrank_vjp.training import methods
+from lowrank_vjp.training import methods, nnx_step, precision
 from lowrank_vjp.training import metrics as metrics_lib
-from lowrank_vjp.training import nnx_step
 from lowrank_vjp.training import programs as programs_lib
 from lowrank_vjp.training import report as report_lib
 from lowrank_vjp.training import step as step_lib
@@ -106,7 +105,7 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
     plan = lvr.make_plan(layers, make_rules(config, layers, spec, settings))
     trained, frozen = plan.split(variables)
     state = step_lib.initial_state(trained, tx, step_lib.init_asi_state(
-        model, plan, variables, x_spec))
+        model, plan, variables, x_spec, config.dtype), config.dtype)
   setup_time = time.perf_counter() - t0
 
   ckpt = Checkpointer(ckpt_dir, every=config.checkpoint_every)
@@ -126,7 +125,7 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   else:
     train_step = step_lib.make_train_step(
         model, plan, tx, config.seed, image_size,
-        redo_on_overflow=controller is not None)
+        redo_on_overflow=controller is not None, dtype=config.dtype)
   ckpt.restore_controller(controller, start)
   batch = lambda step: train.get(train.batch_indices(
       step, config.batch_size, config.seed), image_size)
@@ -136,7 +135,8 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
     eval_step = nnx_job.make_eval_step(image_size)
     eval_variables = lambda state: (state["model"], frozen)
   else:
-    eval_step = evaluate_lib.make_eval_step(model, image_size)
+    eval_step = evaluate_lib.make_eval_step(
+        model, image_size, precision.compute_dtype(config.dtype))
     eval_variables = lambda state: step_lib.final_variables(plan, state,
                                                             frozen)
 
@@ -163,6 +163,9 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
              "train_accuracy": float(metrics["accuracy"]),
              "step_time_s": dt, "compile_time_s": compile_s,
              **metrics_lib.stats_row(metrics["stats"])}
+      if "loss_scale" in metrics:  # float16: the scale and skipped steps
+        row["loss_scale"] = float(metrics["loss_scale"])
+        row["skipped"] = bool(metrics["skipped"])
       if (config.eval_every > 0 and (step + 1) % config.eval_every == 0
           and step + 1 < config.steps):
         m = held_out(state)

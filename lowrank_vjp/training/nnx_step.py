@@ -36,6 +36,7 @@ import lowrank_vjp as lv
 from lowrank_vjp import models
 from lowrank_vjp.models import nnx as models_nnx
 from lowrank_vjp.training import model as model_lib
+from lowrank_vjp.training import precision
 from lowrank_vjp.training.config import TrainConfig
 
 
@@ -126,6 +127,9 @@ class NnxTraining:
     carried: The filter of the state that changes.
     state: The initial training state (see the module docstring).
     frozen: The model's state that does not change (not donated).
+    dtype: The compute dtype (None: float32), already set on the model's
+      layers (:func:`lowrank_vjp.nnx.set_compute_dtype`); float16 adds
+      ``state["loss_scale"]``.
   """
 
   plan: lv.nnx.Plan
@@ -134,11 +138,14 @@ class NnxTraining:
   carried: Any
   state: dict[str, Any]
   frozen: Any
+  dtype: Any = None
 
   @classmethod
   def create(cls, model: nnx.Module, plan: lv.nnx.Plan,
-             tx: optax.GradientTransformation) -> NnxTraining:
-    """Splits ``model`` (already planned) and makes its optimizer."""
+             tx: optax.GradientTransformation,
+             dtype=None) -> NnxTraining:
+    """Splits ``model`` (already planned, and set to compute in ``dtype``)
+    and makes its optimizer."""
     carried = nnx.Any(plan.wrt, _BatchStatsOf(frozenset(plan.train_bn)),
                       lv.nnx.MethodState)
     optimizer = nnx.Optimizer(model, tx, wrt=plan.wrt)
@@ -146,7 +153,11 @@ class NnxTraining:
     graphdef, changing, frozen = nnx.split(model, carried, ...)
     state = {"step": jnp.zeros((), jnp.int32), "model": changing,
              "opt": opt_state}
-    return cls(plan, graphdef, opt_graphdef, carried, state, frozen)
+    dtype = precision.compute_dtype(dtype or "float32")
+    loss_scale = precision.init_loss_scale(dtype)
+    if loss_scale:
+      state["loss_scale"] = loss_scale
+    return cls(plan, graphdef, opt_graphdef, carried, state, frozen, dtype)
 
   def model(self, state, frozen) -> nnx.Module:
     """The model holding ``state["model"]`` and ``frozen``."""
@@ -158,25 +169,34 @@ class NnxTraining:
 
     Dropout keys are ``fold_in(key(seed), step)`` (``nnx.reseed`` of the
     ``"dropout"`` stream each step), so a resumed run draws the same ones.
+    The input is cast to the compute dtype, the loss is taken on float32
+    logits, and a float16 step scales its loss as the Linen step does
+    (``metrics["loss_scale"]``, ``metrics["skipped"]``).
     """
     base_key = jax.random.key(seed)
     wrt = self.plan.wrt
+    dtype = self.dtype
 
     def train_step(state, frozen, images, labels, capacities=None):
       x = (images if image_size is None
            else models.preprocess(images, image_size))
+      if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(dtype)
       model = self.model(state, frozen)
       nnx.reseed(model, dropout=jax.random.fold_in(base_key, state["step"]))
+      loss_scale = state.get("loss_scale", {})
 
       def loss_fn(model):
         logits = model(x, train=True)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         loss = optax.softmax_cross_entropy_with_integer_labels(
             logits, labels).mean()
-        return loss, logits
+        return precision.scale_loss(loss, loss_scale), (loss, logits)
 
       with lv.rank_capacities(capacities):
-        (loss, logits), grads = nnx.value_and_grad(
+        (_, (loss, logits)), grads = nnx.value_and_grad(
             loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+      grads, finite = precision.unscale(grads, loss_scale)
       stats = lv.nnx.stats(model)
       overflow = jnp.zeros((), bool)
       for s in stats.values():
@@ -190,23 +210,37 @@ class NnxTraining:
         m = nnx.merge(self.graphdef, forward, frozen)
         optimizer = nnx.merge(self.opt_graphdef, state["opt"])
         optimizer.update(m, grads)
-        return {"step": state["step"] + 1,
-                "model": nnx.state(m, self.carried),
-                "opt": nnx.state(optimizer)}
+        new = {"step": state["step"] + 1,
+               "model": nnx.state(m, self.carried),
+               "opt": nnx.state(optimizer)}
+        if loss_scale:
+          new["loss_scale"] = precision.next_loss_scale(loss_scale, finite)
+        return new
 
+      def skipped(operands):  # float16: some gradient overflowed
+        state = operands[0]
+        return {**state, "step": state["step"] + 1,
+                "loss_scale": precision.next_loss_scale(loss_scale, finite)}
+
+      apply = updated
+      if loss_scale:
+        apply = lambda o: jax.lax.cond(finite, updated, skipped, o)
       operands = (state, forward, frozen, grads)
       probe = redo_on_overflow and capacities is None  # as the Linen step
       if probe:
         new_state = state
       elif redo_on_overflow:  # as the Linen step: a conditional, not a select
-        new_state = jax.lax.cond(overflow, lambda o: o[0], updated, operands)
+        new_state = jax.lax.cond(overflow, lambda o: o[0], apply, operands)
       else:
-        new_state = updated(operands)
+        new_state = apply(operands)
       metrics = {"loss": loss,
                  "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                  "stats": stats, "overflow": overflow}
       if redo_on_overflow:
         metrics["redo"] = jnp.ones((), bool) if probe else overflow
+      if loss_scale:
+        metrics["loss_scale"] = loss_scale["scale"]
+        metrics["skipped"] = ~finite
       return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0,) if donate else (),
@@ -214,7 +248,8 @@ class NnxTraining:
 
   def make_eval_step(self, image_size: int | None):
     """``eval_step((state["model"], frozen), inputs, labels, mask)``, as
-    :func:`lowrank_vjp.training.make_eval_step` (``model(x, train=False)``).
+    :func:`lowrank_vjp.training.make_eval_step` (``model(x, train=False)``,
+    in the compute dtype).
     """
     def eval_step(variables, inputs, labels, mask):
       changing, frozen = variables
@@ -222,7 +257,10 @@ class NnxTraining:
                                                               image_size)
       model = nnx.merge(self.graphdef, changing, frozen)
       model.eval()   # the compressed layers run their own contraction
+      if self.dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(self.dtype)
       logits = model(x, train=False)
+      logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (ce.ndim - 1)),
                            ce.shape)   # per example, or per token
@@ -242,7 +280,8 @@ def nnx_training(config: TrainConfig, num_classes: int, variables,
   the NNX model's layers, whose paths are the Linen model's.
   """
   model = build_nnx_model(config, num_classes, variables, method)
+  lv.nnx.set_compute_dtype(model, config.dtype)
   layers = lv.nnx.discover(model, x_spec, train=True)
   rules = model_lib.make_rules(config, layers, spec, settings)
   plan = lv.nnx.apply(model, rules, x_spec, train=True)
-  return NnxTraining.create(model, plan, tx)
+  return NnxTraining.create(model, plan, tx, config.dtype)

@@ -99,17 +99,21 @@ class Setting:
     image_size: Side of the input images.
     train_bn: BatchNorms of the trained layers in training mode (else
       frozen).
+    dtype: The step's compute dtype (``"float32"``, ``"bfloat16"``,
+      ``"float16"``: :mod:`lowrank_vjp.training.precision`).
   """
 
   model: str
   k: str = "all"
   image_size: int = 224
   train_bn: bool = False
+  dtype: str = "float32"
 
   def label(self) -> str:
     bn = ", BN trained" if self.train_bn else ""
+    dtype = "" if self.dtype == "float32" else f", {self.dtype}"
     return (f"{self.model}, k = {self.k}, {self.image_size}×"
-            f"{self.image_size}{bn}")
+            f"{self.image_size}{bn}{dtype}")
 
 
 def make_step(setting: Setting, name: str, batch: int, *,
@@ -168,10 +172,13 @@ def make_step(setting: Setting, name: str, batch: int, *,
   plan = lvr.make_plan(layers, rules)
   tx = make_optimizer(config)
   trained, frozen = plan.split(variables)
-  asi = build(lambda v: step_lib.init_asi_state(model, plan, v, x),
+  dtype = setting.dtype
+  asi = build(lambda v: step_lib.init_asi_state(model, plan, v, x, dtype),
               variables)
-  state = build(lambda t, a: step_lib.initial_state(t, tx, a), trained, asi)
-  step = step_lib.make_train_step(model, plan, tx, 0, image_size)
+  state = build(lambda t, a: step_lib.initial_state(t, tx, a, dtype),
+                trained, asi)
+  step = step_lib.make_train_step(model, plan, tx, 0, image_size,
+                                  dtype=dtype)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if concrete:
     keys = jax.random.split(jax.random.key(1))

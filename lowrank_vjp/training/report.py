@@ -103,6 +103,7 @@ def make_report(config: TrainConfig, label: str, settings: Mapping[str, Any],
       "run": label,
       "model": config.model,
       "api": config.api,
+      "dtype": config.dtype,
       "pretrained": weights is not None,
       "weights": weights,
       "method": (methods.VANILLA if label == methods.VANILLA
@@ -127,6 +128,10 @@ def make_report(config: TrainConfig, label: str, settings: Mapping[str, Any],
       "model_kwargs": json.loads(config.model_kwargs),
       "scan": config.scan,
       "eval_examples": config.eval_examples,
+      # float16 runs: steps skipped by the loss scale, and its last value
+      "skipped_steps": (sum(bool(r.get("skipped")) for r in rows)
+                        if "loss_scale" in last else None),
+      "final_loss_scale": last.get("loss_scale"),
       "final_loss": last.get("loss"),
       "final_train_accuracy": last.get("train_accuracy"),
       "activation_memory_analytic_peak_mib": float(mem.max()) if len(mem)

@@ -9,7 +9,9 @@ capacities beside it). The state is a dict:
 * ``"params"``: the trained parameters (``plan.split(variables)[0]``);
 * ``"batch_stats"``: statistics of the trained BatchNorms (``{}`` if none);
 * ``"opt_state"``: the optimizer's state;
-* ``"asi_state"``: the factors of the ASI layers (``{}`` if none).
+* ``"asi_state"``: the factors of the ASI layers (``{}`` if none);
+* ``"loss_scale"``: only in a float16 run, its dynamic loss scale
+  (:mod:`lowrank_vjp.training.precision`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import lowrank_vjp as lv
 import lowrank_vjp.flax as lvf
 import lowrank_vjp.rules as lvr
 from lowrank_vjp import models
-from lowrank_vjp.training import methods
+from lowrank_vjp._src.flax import precision as flax_precision
+from lowrank_vjp.training import methods, precision
 
 
 def uses_asi(plan: lvr.Plan) -> bool:
@@ -32,7 +35,19 @@ def uses_asi(plan: lvr.Plan) -> bool:
   return any(methods.carries_state(s) for _, s in plan.compressed)
 
 
-def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
+def _cast_input(x, dtype):
+  if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return x.astype(dtype)
+
+
+def _like(new, old):
+  """``new`` in the dtypes of ``old`` (state keeps one structure)."""
+  return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+
+def init_asi_state(model, plan: lvr.Plan, variables, x,
+                   dtype=None) -> dict:
   """The unstarted ``"asi_state"`` collection of ``plan``'s ASI layers.
 
   Applies the model once (jitted) under ``plan.intercept()`` to zeros shaped
@@ -47,6 +62,8 @@ def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
     plan: The fine-tuning plan.
     variables: The model's variables.
     x: The model input, e.g. ``float32[N, S, S, 3]``.
+    dtype: The step's compute dtype (:func:`make_train_step`), None for
+      float32.
 
   Returns:
     The collection; ``{}`` when no layer runs ASI.
@@ -55,9 +72,10 @@ def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
     return {}
 
   def init(variables):
-    with plan.intercept():
+    with plan.intercept(), flax_precision.compute_dtype(dtype):
       _, state = model.apply(
-          variables, jnp.zeros(x.shape, x.dtype), train=True,
+          variables, _cast_input(jnp.zeros(x.shape, x.dtype), dtype),
+          train=True,
           rngs={"dropout": jax.random.key(0)},
           mutable=[lvf.ASI_COLLECTION, "batch_stats"])
     return state.get(lvf.ASI_COLLECTION, {})
@@ -67,7 +85,7 @@ def init_asi_state(model, plan: lvr.Plan, variables, x) -> dict:
 
 def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
                     seed: int, image_size: int | None, donate: bool = True,
-                    redo_on_overflow: bool = False):
+                    redo_on_overflow: bool = False, dtype=None):
   """``train_step(state, frozen, images, labels, capacities) -> (state, m)``.
 
   The loss is the mean softmax cross-entropy of the logits against integer
@@ -93,11 +111,21 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
       and always at ``capacities=None`` (the configured capacities, before
       the controller has seen a step): that call is a probe, recomputed at
       the capacities the controller fits to what it measured.
+    dtype: Compute dtype (``"bfloat16"``, ``"float16"``; None or
+      ``"float32"``: float32). Parameters, optimizer state and running
+      averages stay float32; the inputs and every Flax layer compute in
+      ``dtype`` (:func:`lowrank_vjp.flax.compute_dtype`), the loss is taken
+      on float32 logits, and a float16 step scales its loss
+      (:mod:`lowrank_vjp.training.precision`; the state then holds
+      ``"loss_scale"``, from :func:`initial_state`).
 
   Returns:
     The jitted step; ``m`` also holds ``"overflow"`` (``bool[]``: some layer
     kept less than ε) and, with ``redo_on_overflow``, ``"redo"`` (the
-    returned state is the input state: on overflow, and on the probe).
+    returned state is the input state: on overflow, and on the probe);
+    under loss scaling also ``"loss_scale"`` (the scale this step used) and
+    ``"skipped"`` (its gradients were not all finite: no update, the scale
+    halved).
     ``state`` (see the module docstring) is donated unless ``donate`` is
     False; ``frozen`` holds the variables that are not
     differentiated. ``capacities`` (static: one compile per distinct value)
@@ -105,29 +133,36 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     capacities.
   """
   base_key = jax.random.key(seed)
+  dtype = precision.compute_dtype(dtype or "float32")
   asi = uses_asi(plan)
   mutable = ["compression", "batch_stats"] + ([lvf.ASI_COLLECTION] if asi
                                               else [])
 
   def loss_fn(params, batch_stats, asi_state, frozen, x, labels, key,
-              capacities):
+              capacities, loss_scale):
     trained = {"params": params}
     if batch_stats:
       trained["batch_stats"] = batch_stats
     variables = plan.merge(trained, frozen)
     if asi_state:
       variables[lvf.ASI_COLLECTION] = asi_state
-    with plan.intercept(), lv.rank_capacities(capacities):
+    with (plan.intercept(), lv.rank_capacities(capacities),
+          flax_precision.compute_dtype(dtype)):
       logits, state = model.apply(
-          variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
+          variables, _cast_input(x, dtype), train=True, rngs={"dropout": key},
+          mutable=mutable)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
     new_stats = {}
     if batch_stats:
-      new_stats = plan.split({"batch_stats": state["batch_stats"]})[0][
-          "batch_stats"]
-    return loss, (logits, new_stats, state.get(lvf.ASI_COLLECTION, {}),
-                  state.get("compression", {}))
+      new_stats = _like(plan.split({"batch_stats": state["batch_stats"]})[0][
+          "batch_stats"], batch_stats)
+    new_asi = state.get(lvf.ASI_COLLECTION, {})
+    if asi_state:
+      new_asi = _like(new_asi, asi_state)
+    return precision.scale_loss(loss, loss_scale), (
+        loss, logits, new_stats, new_asi, state.get("compression", {}))
 
   def train_step(state, frozen, images, labels, capacities=None):
     x = (images if image_size is None
@@ -136,10 +171,16 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     if asi and not state.get("asi_state"):
       raise ValueError("the plan runs ASI: state['asi_state'] must hold its "
                        "factors (from init_asi_state)")
+    loss_scale = state.get("loss_scale", {})
+    if precision.needs_loss_scale(dtype) and not loss_scale:
+      raise ValueError("a float16 step scales its loss: state['loss_scale'] "
+                       "must hold the scale (initial_state(..., "
+                       "dtype='float16'))")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, batch_stats, asi_state, compression)), grads = grad_fn(
+    (_, (loss, logits, batch_stats, asi_state, compression)), grads = grad_fn(
         state["params"], state["batch_stats"], state.get("asi_state", {}),
-        frozen, x, labels, key, capacities)
+        frozen, x, labels, key, capacities, loss_scale)
+    grads, finite = precision.unscale(grads, loss_scale)
     stats = lvf.collect_stats({"compression": compression})
     overflow = jnp.zeros((), bool)
     for s in stats.values():
@@ -156,7 +197,19 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
       }
       if "asi_state" in state:
         new["asi_state"] = asi_state
+      if loss_scale:
+        new["loss_scale"] = precision.next_loss_scale(loss_scale, finite)
       return new
+
+    def skipped(state):  # float16: some gradient overflowed at this scale
+      new = {k: state[k] for k in updated(state)}
+      new["step"] = state["step"] + 1
+      new["loss_scale"] = precision.next_loss_scale(loss_scale, finite)
+      return new
+
+    apply = updated
+    if loss_scale:
+      apply = lambda state: jax.lax.cond(finite, updated, skipped, state)
 
     probe = redo_on_overflow and capacities is None
     if probe:
@@ -172,9 +225,9 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
       # both the select and the parameter update. Where the update is the
       # step's peak XLA still copies the state once (docs/memory.md).
       keep = lambda state: {k: state[k] for k in updated(state)}
-      new_state = jax.lax.cond(overflow, keep, updated, state)
+      new_state = jax.lax.cond(overflow, keep, apply, state)
     else:
-      new_state = updated(state)
+      new_state = apply(state)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -183,6 +236,9 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     }
     if redo_on_overflow:  # the state came back unchanged
       metrics["redo"] = jnp.ones((), bool) if probe else overflow
+    if loss_scale:
+      metrics["loss_scale"] = loss_scale["scale"]
+      metrics["skipped"] = ~finite
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else (),
@@ -190,18 +246,21 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
 
 
 def initial_state(trained, tx: optax.GradientTransformation,
-                  asi_state=None) -> dict[str, Any]:
+                  asi_state=None, dtype=None) -> dict[str, Any]:
   """The training state of :func:`make_train_step` before the first step.
 
   Args:
     trained: The trained variables (``plan.split(variables)[0]``).
     tx: The optimizer.
     asi_state: From :func:`init_asi_state` (``{}`` when no layer runs ASI).
+    dtype: The step's compute dtype; ``"float16"`` adds the loss scale.
 
   Returns:
     The state (see the module docstring), at step 0.
   """
-  return {
+  loss_scale = precision.init_loss_scale(
+      precision.compute_dtype(dtype or "float32"))
+  return ({"loss_scale": loss_scale} if loss_scale else {}) | {
       "step": jnp.zeros((), jnp.int32),
       "params": trained["params"],
       "batch_stats": trained.get("batch_stats", {}),

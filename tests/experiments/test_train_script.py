@@ -68,6 +68,22 @@ def test_two_steps_end_to_end(train, tmp_path, data_dir, capsys):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
 
 
+def test_float16_run_scales_its_loss_and_reports_it(train, tmp_path,
+                                                     data_dir):
+  workdir = str(tmp_path / "half")
+  (report,) = train.main(TINY + ["--data-dir", data_dir, "--workdir",
+                                 workdir, "--steps", "2", "--method",
+                                 "hosvd", "--dtype", "float16"])
+  assert report["dtype"] == "float16"
+  assert report["skipped_steps"] in (0, 1, 2)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:  # one run
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[0]["loss_scale"] == 2.0 ** 15
+  assert report["skipped_steps"] == sum(r["skipped"] for r in rows)
+  assert np.isfinite(report["final_loss"]) and 0 <= report["accuracy"] <= 1
+
+
 def _final_state(workdir, step):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir,

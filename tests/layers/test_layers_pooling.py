@@ -65,9 +65,24 @@ def test_backward_holds_about_one_input_of_temp():
   bwd = jax.jit(lambda x, g: jax.vjp(f, x)[1](g)[0])
   m = lv.measure.xla_memory(bwd, x, y)
   x_bytes = 8 * 64 * 64 * 32 * 4
-  # The padded input (for the codes) and the fused cotangent placement;
-  # flax.linen.max_pool's select_and_scatter_add held five padded copies.
-  assert m.temp_bytes < 1.2 * x_bytes, m.temp_bytes / x_bytes
+  # The codes (from the taps' padded slices, fused) and the cotangent
+  # placement, fused into the output: 0.03x (1.09x with one padded copy of
+  # x for the codes); flax.linen.max_pool's select_and_scatter_add held
+  # five padded copies.
+  assert m.temp_bytes < 0.25 * x_bytes, m.temp_bytes / x_bytes
+
+
+def test_forward_holds_no_padded_copy_of_the_input():
+  # Each tap reads a padded strided slice of x, fused into the codes. One
+  # padded copy of x shared by the nine taps was a buffer of its own, 1.06x
+  # the input: at ResNet18's stem the step's largest, beside the ReLU's
+  # input and output.
+  x = jax.ShapeDtypeStruct((8, 64, 64, 32), jnp.float32)
+  f = lambda x: lv.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  fwd = lambda x: jax.tree_util.tree_leaves(jax.vjp(f, x))  # y, residual
+  m = lv.measure.xla_memory(fwd, x)
+  x_bytes = 8 * 64 * 64 * 32 * 4
+  assert m.temp_bytes < 0.1 * x_bytes, m.temp_bytes / x_bytes
 
 
 def test_bad_arguments_are_named():

@@ -410,3 +410,40 @@ def test_middle_axis_gram_is_summed_over_slabs():
                                     (257, 1), (7, 1)])
 def test_gram_slab_count(p, want):
   assert hosvd_lib._gram_chunks(p) == want  # pylint: disable=protected-access
+
+
+# --------------------------------------- matmul precision (TF32, bf16) ---
+
+
+def _dot_precisions(jaxpr):
+  """The ``precision`` of every dot_general in ``jaxpr``, sub-jaxprs too."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn.params["precision"])
+    for v in eqn.params.values():
+      if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+        found.extend(_dot_precisions(v.jaxpr))
+      elif hasattr(v, "eqns"):
+        found.extend(_dot_precisions(v))
+  return found
+
+
+@pytest.mark.parametrize("method,capacity", [("hosvd", (3, 4, 5)),
+                                             ("svd", (3, None, None))])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_grams_and_projections_run_at_highest_whatever_the_default(
+    method, capacity, dtype):
+  # A GPU's default float32 matmul is TF32 (10 mantissa bits); a Gram taken
+  # at it would move the eigenvalues, hence the ranks ε picks. Every
+  # contraction of the compression names HIGHEST, so neither the default
+  # nor a narrow activation dtype changes what it computes in.
+  x = jnp.asarray(_random((3, 4, 5), seed=29), dtype)
+  with jax.default_matmul_precision("tensorfloat32"):
+    jaxpr = jax.make_jaxpr(lambda x: hosvd_lib.tucker_compress(
+        x, capacity, 0.9, method))(x).jaxpr
+  precisions = _dot_precisions(jaxpr)
+  assert precisions  # the Grams are dot_generals
+  highest = jax.lax.Precision.HIGHEST
+  for p in precisions:
+    assert p is not None and all(q == highest for q in p), p

@@ -20,6 +20,16 @@ def test_steps_are_built_donated_and_compressed():
   assert m.peak_bytes < vanilla
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_setting_in_mixed_precision_builds_the_mixed_precision_step(dtype):
+  setting = pm.Setting("cnn", "all", 8, dtype=dtype)
+  assert setting.label().endswith(dtype)
+  step, args = pm.make_step(setting, "hosvd", 2)
+  assert ("loss_scale" in args[0]) is (dtype == "float16")
+  stats = jax.eval_shape(step, *args)[1]["stats"]
+  assert stats and all(s.itemsize == 2 for s in stats.values())
+
+
 def test_remat_variant_and_unknown_names():
   jaxprs = {n: str(jax.make_jaxpr(step)(*args)) for n, (step, args) in
             ((n, pm.make_step(TINY, n, 2)) for n in ("hosvd", pm.REMAT))}

@@ -53,6 +53,17 @@ def test_make_report_fields(tiny):
       config, "vanilla", {"method": "none"}, plan, _rows(plan), programs,
       0.5, None, 2.0, 3.0, 8)
   assert vanilla["method"] == "vanilla"
+  assert vanilla["dtype"] == "float32" and vanilla["skipped_steps"] is None
+  # float16: the rows carry the loss scale; skipped steps are counted.
+  rows = _rows(plan)
+  for i, r in enumerate(rows):
+    r["loss_scale"], r["skipped"] = 2.0 ** (15 - i), i > 0
+  half = training.make_report(
+      config.replace(dtype="float16"), "vanilla", {"method": "none"}, plan,
+      rows, programs, 0.5, None, 2.0, 3.0, 8)
+  assert half["dtype"] == "float16"
+  assert half["skipped_steps"] == len(rows) - 1
+  assert half["final_loss_scale"] == 2.0 ** (16 - len(rows))
 
 
 def test_table_has_one_line_per_run():

@@ -74,20 +74,43 @@ def _taps(dims):
   return list(itertools.product(*(range(d) for d in dims[1:-1])))
 
 
-def _tap_slice(xp, tap, out_shape, strides):
-  start = (0,) + tap + (0,)
-  limit = tuple(s + (o - 1) * st + 1
-                for s, o, st in zip(start, out_shape, strides))
-  return lax.slice(xp, start, limit, strides)
+def _tap_view(x, tap, out_shape, strides, pads):
+  """What tap ``tap`` of every window reads: ``[N, *out, C]``, -inf in pads.
+
+  Output ``o`` reads input ``o·s + t - lo`` along each window axis: a
+  strided slice of ``x`` over the outputs whose tap lands inside it, padded
+  with -inf to the other outputs. Each tap pads its own slice (one use per
+  pad), so XLA fuses the taps into the code computation; one padded copy
+  of ``x`` shared by the nine taps was a buffer of its own, bigger than
+  ``x`` (at ResNet18's stem, the step's largest).
+  """
+  starts, limits, steps, config = [0], [x.shape[0]], [1], [(0, 0, 0)]
+  for t, st, (lo, _), o, n in zip(tap, strides[1:-1], pads[1:-1],
+                                  out_shape[1:-1], x.shape[1:-1]):
+    off = t - lo                            # input index of output 0's tap
+    first = max(0, (st - 1 - off) // st)    # first output inside the input
+    last = min(o - 1, (n - 1 - off) // st)  # last one
+    if last < first:
+      return jnp.full(out_shape, _lowest(x.dtype))
+    start = first * st + off
+    starts.append(start)
+    limits.append(start + (last - first) * st + 1)
+    steps.append(st)
+    config.append((first, o - 1 - last, 0))
+  starts.append(0)
+  limits.append(x.shape[-1])
+  steps.append(1)
+  config.append((0, 0, 0))
+  view = lax.slice(x, starts, limits, steps)
+  return lax.pad(view, _lowest(x.dtype), config)
 
 
 def _max_pool_fwd(x, dims, strides, pads):
   y = _max_pool(x, dims, strides, pads)
-  xp = lax.pad(x, _lowest(x.dtype), [(lo, hi, 0) for lo, hi in pads])
   taps = _taps(dims)
   code = jnp.full(y.shape, len(taps), jnp.uint32)
   for k in reversed(range(len(taps))):  # the first tap holding the max wins
-    hit = _tap_slice(xp, taps[k], y.shape, strides) == y
+    hit = _tap_view(x, taps[k], y.shape, strides, pads) == y
     code = jnp.where(hit, jnp.uint32(k), code)
   words = remat.named(packing.pack(code, _code_bits(len(taps))))
   # An empty array whose shape and dtype are x's (features axis emptied).
@@ -105,6 +128,11 @@ def _max_pool_bwd(dims, strides, pads, res, g):
   # phase r, the cotangents of the taps with that phase, shifted by q, sum
   # in one fused elementwise pass; the phases are then interleaved. (One
   # zero buffer scattered into tap by tap held nine padded copies at once.)
+  # The stack of phases fuses into what consumes the cotangent only while a
+  # single fusion reads it: XLA does not copy a concatenate into a second
+  # reader (even of one element, as schedule.after reads g) and then keeps
+  # the stack, 1.06x the input, as a buffer of its own. Interior-padded
+  # pads, per-tap broadcasts or slices of a padded g fused worse still.
   reach = [-(-w // st) for w, st in zip(window, step)]          # Q = ⌈w/s⌉
   blocks = [o + q - 1 for o, q in zip(out, reach)]              # B = O + Q - 1
   zero = jnp.zeros((), like.dtype)

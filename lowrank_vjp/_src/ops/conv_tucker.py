@@ -28,14 +28,39 @@ from lowrank_vjp._src.tensor import tucker as tucker_lib
 TuckerResidual = tucker_lib.TuckerResidual
 
 
-def _contract_batch(spec, u, g: jax.Array):
-  """``g ×_batch uᵀ``: the output gradient in the batch rank space."""
+def _batch_matrix(spec, g: jax.Array) -> jax.Array:
+  """``g`` viewed as ``[N, Q]`` (batch axis first) or ``[P, N, Q]`` (no copy).
+
+  One view for every reader of ``g``: XLA drops a leading axis of size 1
+  from a contraction's operand but not from a loop's, and built ``g`` once
+  per shape.
+  """
   ob = spec.dimension_numbers.out_spec[0]
+  p, q = math.prod(g.shape[:ob]), math.prod(g.shape[ob + 1:])
+  return g.reshape((g.shape[ob], q) if p == 1 else (p, g.shape[ob], q))
+
+
+def _contract_batch(spec, u, g_view: jax.Array, g_shape):
+  """``g ×_batch uᵀ``: the output gradient in the batch rank space.
+
+  Args:
+    spec: The convolution.
+    u: ``U_B`` (or a slab of its columns), ``[N, K]``.
+    g_view: ``g`` as :func:`_batch_matrix` views it.
+    g_shape: ``g``'s shape.
+
+  Returns:
+    ``g`` with its batch axis of size ``K``.
+  """
+  ob = spec.dimension_numbers.out_spec[0]
+  batch = g_view.ndim - 2
   # U_B as the left operand: XLA then reads g in its own layout, where with g
   # on the left it made a transposed copy of the whole output gradient.
-  g = jnp.tensordot(u, g.astype(u.dtype), axes=([0], [ob]),
-                    precision=spec.precision)
-  return jnp.moveaxis(g, 0, ob)
+  t = jax.lax.dot_general(u, g_view.astype(u.dtype),
+                          (((0,), (batch,)), ((), ())),
+                          precision=spec.precision)  # [K, (P,) Q]
+  return jnp.moveaxis(t, 0, batch).reshape(
+      tuple(g_shape[:ob]) + (u.shape[1],) + tuple(g_shape[ob + 1:]))
 
 
 def _rank_space_layout(spec, res: TuckerResidual):
@@ -73,14 +98,17 @@ def weight_grad_conv(spec, res: TuckerResidual,
   :func:`weight_grad_tucker`'s (:func:`weight_grad` chooses).
 
   The weight gradient is a sum over the batch rank: when the partly rebuilt
-  input (or ``g ×_B U_Bᵀ``) would exceed an eighth of the output gradient,
-  it is summed over slabs of ``K_B`` (:func:`batch_rank_slabs`), so that
-  each slab's rebuilt input, its transposed copy and its slice of ``g`` stay
-  small.
+  input would exceed an eighth of the output gradient, it is summed over
+  slabs of ``K_B`` (:func:`batch_rank_slabs`), so that each slab's rebuilt
+  input, its transposed copy and its slice of ``g`` stay small.
+
+  The rebuild (and the loop's starting carry) is pinned to the backward pass
+  after a batch contraction of ``g``, never after ``g`` itself, so that
+  XLA builds ``g`` once, fused with its producers (tests in
+  tests/ops/test_ops_conv_tucker_memory.py).
   """
   dn = spec.dimension_numbers
   expand, keep_channel_rank, shape = _rank_space_layout(spec, res)
-  core = schedule.after(res.core, g)  # rebuild in the backward pass only
   batch = dn.lhs_spec[0]
   u_b = res.factors[batch]
   slabs = 1 if u_b is None else batch_rank_slabs(
@@ -93,9 +121,13 @@ def weight_grad_conv(spec, res: TuckerResidual,
   else:
     rhs_shape = list(spec.rhs_shape)
 
-  def slab_grad(core_s, u_s):
+  g_view = _batch_matrix(spec, g)  # what every contraction reads
+
+  def contract(u_s):
+    return g if u_s is None else _contract_batch(spec, u_s, g_view, g.shape)
+
+  def slab_grad(core_s, g_s):
     lhs = TuckerResidual(core_s, expand).reconstruct(dtype=spec.lhs_dtype)
-    g_s = g if u_s is None else _contract_batch(spec, u_s, g)
     # Inside shard_map the rank-space gradient is per device (each device
     # has its own factors): transposed at the input's varying type, so that
     # it is not summed over devices before its own U_C expands it.
@@ -104,23 +136,44 @@ def weight_grad_conv(spec, res: TuckerResidual,
         rhs_manual=spec.lhs_manual if keep_channel_rank else spec.rhs_manual)
     return reduced.weight_grad(lhs, g_s)
 
+  # The core is rebuilt in the backward pass only, pinned after a
+  # batch-contracted gradient (a contraction's output) rather than after g:
+  # the one element of g that schedule.after reads fused a copy of g's
+  # producers into a kernel of its own, and XLA could then fuse them into
+  # g's real consumer no more. Behind ResNet's stem (max-pool backward,
+  # BatchNorm) that kept the pool's phase stack, one more stem-sized buffer.
   if slabs == 1:
-    dw = slab_grad(core, u_b)
+    g_b = contract(u_b)
+    dw = slab_grad(schedule.after(res.core, g_b), g_b)
   else:
     k = u_b.shape[1] // slabs
-    cores = jnp.moveaxis(core, batch, 0).reshape(
-        (slabs, k) + tuple(np.delete(core.shape, batch)))
-    cores = jnp.moveaxis(cores, 1, batch + 1)
     us = jnp.moveaxis(u_b.reshape(u_b.shape[0], slabs, k), 1, 0)
+    acc = jnp.promote_types(spec.rhs_dtype, jnp.float32)
+    # The first slab's contraction, for the pins only (the loop computes it
+    # again, cheap next to the slab's weight gradient). Peeling the first
+    # slab off the loop instead measured worse (ResNet18, batch 64: 167 MiB
+    # more for HOSVD); XLA unrolls a loop left with one step and scheduled
+    # its parts apart.
+    pin = contract(us[0])
+    core = schedule.after(res.core, pin)
+    like = jax.eval_shape(  # the loop's gradient, its varying type included
+        slab_grad, jax.lax.dynamic_slice_in_dim(core, 0, k, axis=batch), pin)
+    zeros = vma.like(jnp.zeros(rhs_shape, acc), like)
+    # Zeros built from nothing were placed at the start of the step and held
+    # a weight-sized carry per layer through the whole forward pass. (Inside
+    # shard_map a pin varying where the gradient does not would change the
+    # carry's type: left unpinned there.)
+    if vma.varying(pin) <= vma.varying(like):
+      zeros = schedule.after(zeros, pin)
 
     def add_slab(dw, slab):
-      core_s, u_s = slab
-      return dw + slab_grad(core_s, u_s).astype(dw.dtype), None
+      i, u_s = slab
+      # The slab's core is sliced where it is used: no transposed copy of
+      # the whole core.
+      core_s = jax.lax.dynamic_slice_in_dim(core, i * k, k, axis=batch)
+      return dw + slab_grad(core_s, contract(u_s)).astype(acc), None
 
-    acc = jnp.promote_types(spec.rhs_dtype, jnp.float32)
-    zeros = jnp.zeros(rhs_shape, acc)
-    like = jax.eval_shape(slab_grad, cores[0], us[0])  # its varying type
-    dw, _ = jax.lax.scan(add_slab, vma.like(zeros, like), (cores, us))
+    dw, _ = jax.lax.scan(add_slab, zeros, (jnp.arange(slabs), us))
   if not keep_channel_rank:
     return dw.astype(spec.rhs_dtype)
   dw = jnp.tensordot(dw.astype(u_c.dtype), u_c, axes=([in_axis], [1]),
