@@ -646,7 +646,7 @@ def test_namespace():
       "ASI_COLLECTION", "BatchNorm", "COLLECTION", "LayerNorm", "RMSNorm",
       "CompressedConvGeneralDilated", "CompressedDotGeneral",
       "FrozenBatchNorm", "StatsDroppedWarning", "collect_stats", "conv_cls",
-      "dense_cls"}
+      "compute_dtype", "dense_cls"}
   for name in lvf.__all__:
     assert getattr(lvf, name) is not None
   # The package's own `flax.py` does not shadow the real Flax.
