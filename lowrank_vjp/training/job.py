@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import lowrank_vjp.rules as lvr
 from lowrank_vjp import models
 from lowrank_vjp.training import evaluation as evaluate_lib
-from lowrank_vjp.training import methods, nnx_step, precision
+from lowrank_vjp.training import methods
+from lowrank_vjp.training import nnx_step
+from lowrank_vjp.training import precision
 from lowrank_vjp.training import metrics as metrics_lib
 from lowrank_vjp.training import programs as programs_lib
 from lowrank_vjp.training import report as report_lib

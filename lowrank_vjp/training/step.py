@@ -27,7 +27,8 @@ import lowrank_vjp.flax as lvf
 import lowrank_vjp.rules as lvr
 from lowrank_vjp import models
 from lowrank_vjp._src.flax import precision as flax_precision
-from lowrank_vjp.training import methods, precision
+from lowrank_vjp.training import methods
+from lowrank_vjp.training import precision
 
 
 def uses_asi(plan: lvr.Plan) -> bool:
