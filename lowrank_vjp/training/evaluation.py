@@ -9,6 +9,7 @@ import optax
 
 from lowrank_vjp import models
 from lowrank_vjp._src.flax import precision as flax_precision
+from lowrank_vjp.training import precision
 from lowrank_vjp.training.data import Split
 
 
@@ -32,11 +33,10 @@ def make_eval_step(model, image_size: int | None, dtype=None):
   def eval_step(variables, inputs, labels, mask):
     x = inputs if image_size is None else models.preprocess(inputs,
                                                             image_size)
-    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-      x = x.astype(dtype)
     with flax_precision.compute_dtype(dtype):
-      logits = model.apply(variables, x, train=False)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+      logits = model.apply(variables, precision.cast_input(x, dtype),
+                           train=False)
+    logits = precision.loss_logits(logits)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (ce.ndim - 1)),
                          ce.shape)

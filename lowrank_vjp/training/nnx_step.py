@@ -180,15 +180,14 @@ class NnxTraining:
     def train_step(state, frozen, images, labels, capacities=None):
       x = (images if image_size is None
            else models.preprocess(images, image_size))
-      if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(dtype)
+      x = precision.cast_input(x, dtype)
       model = self.model(state, frozen)
       nnx.reseed(model, dropout=jax.random.fold_in(base_key, state["step"]))
       loss_scale = state.get("loss_scale", {})
 
       def loss_fn(model):
         logits = model(x, train=True)
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        logits = precision.loss_logits(logits)
         loss = optax.softmax_cross_entropy_with_integer_labels(
             logits, labels).mean()
         return precision.scale_loss(loss, loss_scale), (loss, logits)
@@ -257,10 +256,9 @@ class NnxTraining:
                                                               image_size)
       model = nnx.merge(self.graphdef, changing, frozen)
       model.eval()   # the compressed layers run their own contraction
-      if self.dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(self.dtype)
+      x = precision.cast_input(x, self.dtype)
       logits = model(x, train=False)
-      logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+      logits = precision.loss_logits(logits)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (ce.ndim - 1)),
                            ce.shape)   # per example, or per token

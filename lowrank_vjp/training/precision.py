@@ -40,6 +40,18 @@ def compute_dtype(name: str) -> jnp.dtype | None:
   return None if dtype == jnp.float32 else dtype
 
 
+def cast_input(x: jax.Array, dtype) -> jax.Array:
+  """A floating model input in the compute ``dtype`` (tokens unchanged)."""
+  if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return x.astype(dtype)
+
+
+def loss_logits(logits: jax.Array) -> jax.Array:
+  """``logits`` widened to at least float32, for the loss."""
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def needs_loss_scale(dtype) -> bool:
   """Whether a run computing in ``dtype`` scales its loss (float16)."""
   return dtype is not None and jnp.dtype(dtype) == jnp.float16

@@ -36,12 +36,6 @@ def uses_asi(plan: lvr.Plan) -> bool:
   return any(methods.carries_state(s) for _, s in plan.compressed)
 
 
-def _cast_input(x, dtype):
-  if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
-    return x
-  return x.astype(dtype)
-
-
 def _like(new, old):
   """``new`` in the dtypes of ``old`` (state keeps one structure)."""
   return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
@@ -75,7 +69,8 @@ def init_asi_state(model, plan: lvr.Plan, variables, x,
   def init(variables):
     with plan.intercept(), flax_precision.compute_dtype(dtype):
       _, state = model.apply(
-          variables, _cast_input(jnp.zeros(x.shape, x.dtype), dtype),
+          variables,
+          precision.cast_input(jnp.zeros(x.shape, x.dtype), dtype),
           train=True,
           rngs={"dropout": jax.random.key(0)},
           mutable=[lvf.ASI_COLLECTION, "batch_stats"])
@@ -150,9 +145,9 @@ def make_train_step(model, plan: lvr.Plan, tx: optax.GradientTransformation,
     with (plan.intercept(), lv.rank_capacities(capacities),
           flax_precision.compute_dtype(dtype)):
       logits, state = model.apply(
-          variables, _cast_input(x, dtype), train=True, rngs={"dropout": key},
-          mutable=mutable)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+          variables, precision.cast_input(x, dtype), train=True,
+          rngs={"dropout": key}, mutable=mutable)
+    logits = precision.loss_logits(logits)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
     new_stats = {}
