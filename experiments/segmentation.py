@@ -13,11 +13,14 @@ its test split; both are a pure function of the seed and the example index.
 
 Model: ``MobileNetV2(num_classes=None, taps=(3, 6, 13))`` with torchvision's
 ImageNet weights as encoder (strides 4, 8, 16 and 32) and a small FPN-style
-decoder (1×1 lateral convolutions, upsampling, a 3×3 fusion convolution and a
-1×1 classifier), trained in full and uncompressed. The encoder's last k
-convolutions are fine-tuned with each ``--method``, the rest frozen.
-Reports pixel accuracy and mean IoU, the papers' analytic activation memory
-of the fine-tuned encoder layers, XLA's whole-step memory and step times.
+decoder (1×1 lateral convolutions, upsampling, a 3×3 fusion convolution, a
+1×1 classifier, and a refinement at the input's resolution that also reads
+the image), trained in full and uncompressed. The encoder's last k
+convolutions are fine-tuned with each ``--method`` (at ``--encoder-lr-scale``
+times the decoder's rate), the rest frozen. Reports pixel accuracy and mean
+IoU, the papers' analytic activation memory of the fine-tuned encoder
+layers, XLA's whole-step memory and step times; writes ``report.json`` and
+a Markdown table, ``segmentation.md``, to ``--workdir``.
 
 Usage:
   python experiments/segmentation.py                  # vanilla and HOSVD
@@ -32,13 +35,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see train.py
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import lowrank_vjp.rules as lvr  # noqa: E402
 from lowrank_vjp import training  # noqa: E402
@@ -53,12 +56,15 @@ def parse_args(argv=None):
   p.add_argument("--method", default="vanilla,hosvd")
   p.add_argument("--eps", type=float, default=0.8)
   p.add_argument("--method-kwargs", default="{}")
-  p.add_argument("--layers", type=int, default=4,
+  p.add_argument("--layers", type=int, default=17,
                  help="fine-tune the encoder's last k conv layers")
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--image-size", type=int, default=64)
-  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--lr", type=float, default=2e-3,
+                 help="the decoder's peak learning rate (Adam, cosine decay)")
+  p.add_argument("--encoder-lr-scale", type=float, default=0.1,
+                 help="the encoder's rate relative to --lr")
   p.add_argument("--train-examples", type=int, default=4000)
   p.add_argument("--test-examples", type=int, default=256)
   p.add_argument("--data-dir", default=None)
@@ -80,7 +86,7 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
                              exclude=r"decoder/.*", head=r"decoder/.*")
   plan = lvr.make_plan(layers, rules)
   trained, frozen = plan.split(variables)
-  tx = optax.adam(optax.cosine_decay_schedule(args.lr, max(args.steps, 1)))
+  tx = seg.optimizer(args.lr, args.steps, args.encoder_lr_scale)
   state = training.initial_state(trained, tx)
   step_fn = training.make_train_step(model, plan, tx, args.seed,
                                      args.image_size)
@@ -149,18 +155,17 @@ def main(argv=None) -> list[dict]:
         f"{seg.NUM_CLASSES} classes (background + 10 digits).")
   reports = [run_one(args, m, train_set, test_set)
              for m in training.run_names(args.method)]
+  env = training.environment()
+  command = "python experiments/segmentation.py " + " ".join(
+      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   with open(os.path.join(args.workdir, "report.json"), "w") as f:
-    json.dump({"runs": reports}, f, indent=1)
-  head = (f"{'run':<22} {'pixel acc %':>11} {'mIoU %':>7} "
-          f"{'act. MiB peak':>13} {'vanilla MiB':>11} {'XLA peak MiB':>12} "
-          f"{'step ms':>8}")
-  print("\n" + head + "\n" + "-" * len(head))
-  for r in reports:
-    print(f"{r['run']:<22} {100 * r['pixel_accuracy']:>11.2f} "
-          f"{100 * r['mean_iou']:>7.2f} "
-          f"{r['activation_memory_analytic_peak_mib']:>13.3f} "
-          f"{r['activation_memory_vanilla_mib']:>11.3f} "
-          f"{r['xla_peak_mib']:>12.2f} {1000 * r['step_time_median_s']:>8.1f}")
+    json.dump({"environment": env, "command": command, "runs": reports}, f,
+              indent=1)
+  text = seg.table(reports)
+  with open(os.path.join(args.workdir, "segmentation.md"), "w") as f:
+    f.write(f"`{command}`: {env['device']} ({env['machine']}), jax "
+            f"{env['jax']}, flax {env['flax']}, {env['date']}.\n\n{text}\n")
+  print("\n" + text)
   return reports
 
 

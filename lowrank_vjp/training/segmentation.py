@@ -11,7 +11,9 @@ function of the seed and ``i``.
 :class:`SegmentationNet` is ``MobileNetV2(num_classes=None, taps=TAPS)``
 (strides 4, 8, 16 and 32; torchvision's ImageNet weights by
 :func:`build_segmentation_net`) and a small FPN-style decoder (1×1 lateral
-convolutions, upsampling, a 3×3 fusion convolution and a 1×1 classifier).
+convolutions, upsampling, a 3×3 fusion convolution, a 1×1 classifier and a
+refinement at the input's resolution that also reads the image).
+:func:`optimizer` fine-tunes the encoder at a fraction of the decoder's rate.
 """
 
 from __future__ import annotations
@@ -99,18 +101,25 @@ class SegmentationNet(nn.Module):
     top, taps = models.MobileNetV2(num_classes=None, taps=TAPS,
                                    name="encoder")(x, train)
     dec = Decoder(self.num_classes, self.width, name="decoder")
-    return dec([taps[i] for i in TAPS] + [top], x.shape[1:3])
+    return dec([taps[i] for i in TAPS] + [top], x)
 
 
 class Decoder(nn.Module):
   """FPN-style decoder: laterals summed coarse to fine, fused, classified,
-  resized to ``out_hw``."""
+  resized to the input's size and refined there with the input image.
+
+  The refinement (a 3×3 convolution over the upsampled logits and the
+  image, then a 1×1 one, added to the logits) is U-Net's full-resolution
+  skip at its smallest: a stride-4 map upsampled bilinearly cannot follow
+  strokes a few pixels wide, the image can.
+  """
 
   num_classes: int
   width: int
+  refine_width: int = 16
 
   @nn.compact
-  def __call__(self, features, out_hw):
+  def __call__(self, features, image):
     y = None
     for i, f in reversed(list(enumerate(features))):
       lateral = nn.Conv(self.width, (1, 1), name=f"lateral{i}")(f)
@@ -121,8 +130,11 @@ class Decoder(nn.Module):
     y = lv.relu(nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)),
                         name="fuse")(y))
     y = nn.Conv(self.num_classes, (1, 1), name="classifier")(y)
-    return jax.image.resize(y, (y.shape[0],) + tuple(out_hw)
-                            + (self.num_classes,), "bilinear")
+    y = jax.image.resize(y, image.shape[:3] + (self.num_classes,), "bilinear")
+    z = jnp.concatenate([y, image.astype(y.dtype)], -1)
+    z = lv.relu(nn.Conv(self.refine_width, (3, 3), padding=((1, 1), (1, 1)),
+                        name="refine")(z))
+    return y + nn.Conv(self.num_classes, (1, 1), name="refine_out")(z)
 
 
 def build_segmentation_net(weights: str, image_size: int, seed: int,
@@ -155,6 +167,40 @@ def build_segmentation_net(weights: str, image_size: int, seed: int,
   return model, models.init_missing(model, variables, x, seed=seed), path
 
 
+def optimizer(lr: float, steps: int, encoder_lr_scale: float = 1.0):
+  """Adam with a cosine schedule, the encoder's rate ``encoder_lr_scale × lr``.
+
+  A pretrained encoder is usually fine-tuned more gently than a freshly
+  initialised decoder; the leaves under a ``decoder`` key get ``lr``, all
+  others the scaled rate.
+
+  Args:
+    lr: The decoder's peak learning rate.
+    steps: Length of the cosine decay.
+    encoder_lr_scale: The encoder's rate relative to ``lr``; positive.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  if not encoder_lr_scale > 0:
+    raise ValueError(f"encoder_lr_scale={encoder_lr_scale!r}: must be > 0")
+
+  def adam(rate):
+    return optax.adam(optax.cosine_decay_schedule(rate, max(steps, 1)))
+
+  def labels(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "decoder" if any(
+            getattr(k, "key", None) == "decoder" for k in path) else "encoder",
+        tree)
+
+  if encoder_lr_scale == 1.0:
+    return adam(lr)
+  return optax.multi_transform(
+      {"encoder": adam(lr * encoder_lr_scale), "decoder": adam(lr)}, labels)
+
+
 def confusion(model, variables, canvases: DigitCanvases, *, image_size: int,
               batch_size: int) -> np.ndarray:
   """The pixel confusion matrix on ``canvases``: ``int64[classes, classes]``.
@@ -175,6 +221,28 @@ def confusion(model, variables, canvases: DigitCanvases, *, image_size: int,
     keep = np.arange(start, start + batch_size) < len(canvases)
     np.add.at(cm, (labels[keep].ravel(), pred[keep].ravel()), 1)
   return cm
+
+
+def table(reports: Sequence[dict]) -> str:
+  """A Markdown table of segmentation runs, one row per report.
+
+  Step times are also given relative to the first run's, measured in the
+  same job.
+  """
+  lines = ["| run | mIoU % | pixel acc. % | act. MiB (peak) | vanilla act. MiB "
+           "| XLA peak MiB | step ms (median) | × first | compile s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  first = reports[0]["step_time_median_s"] if reports else None
+  for r in reports:
+    ratio = r["step_time_median_s"] / first if first else float("nan")
+    lines.append(
+        f"| {r['run']} | {100 * r['mean_iou']:.2f} "
+        f"| {100 * r['pixel_accuracy']:.2f} "
+        f"| {r['activation_memory_analytic_peak_mib']:.3f} "
+        f"| {r['activation_memory_vanilla_mib']:.3f} "
+        f"| {r['xla_peak_mib']:.2f} | {1000 * r['step_time_median_s']:.1f} "
+        f"| {ratio:.2f} | {r['compile_time_s']:.1f} |")
+  return "\n".join(lines)
 
 
 def scores(cm: np.ndarray) -> tuple[float, float]:

@@ -17,7 +17,8 @@ def test_segmentation_smoke(tmp_path, data_dir, script):
   (report,) = segmentation.main([
       "--data-dir", data_dir, "--workdir", str(tmp_path), "--steps", "2",
       "--batch-size", "2", "--image-size", "32", "--train-examples", "8",
-      "--test-examples", "4", "--method", "hosvd", "--no-progress"])
+      "--test-examples", "4", "--method", "hosvd", "--layers", "4",
+      "--no-progress"])
   assert 0.0 <= report["mean_iou"] <= 1.0
   assert report["layers"][-1] == "encoder/features/18/0"
   assert report["activation_memory_analytic_peak_mib"] > 0
@@ -28,3 +29,6 @@ def test_segmentation_smoke(tmp_path, data_dir, script):
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [1, 2]
   assert os.path.getsize(tmp_path / "hosvd.jsonl") > 0
+  page = (tmp_path / "segmentation.md").read_text()
+  assert page.startswith("`python experiments/segmentation.py --data-dir")
+  assert "| hosvd(eps=0.8) | " in page
