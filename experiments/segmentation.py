@@ -156,8 +156,8 @@ def main(argv=None) -> list[dict]:
   reports = [run_one(args, m, train_set, test_set)
              for m in training.run_names(args.method)]
   env = training.environment()
-  command = "python experiments/segmentation.py " + " ".join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+  command = "python experiments/segmentation.py " + shlex.join(
+      sys.argv[1:] if argv is None else argv)
   with open(os.path.join(args.workdir, "report.json"), "w") as f:
     json.dump({"environment": env, "command": command, "runs": reports}, f,
               indent=1)
