@@ -143,6 +143,18 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
   }
 
 
+def write_reports(workdir, env, command, reports) -> str:
+  """Writes report.json and segmentation.md for `reports`; returns the table."""
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump({"environment": env, "command": command, "runs": reports}, f,
+              indent=1)
+  text = seg.table(reports)
+  with open(os.path.join(workdir, "segmentation.md"), "w") as f:
+    f.write(f"`{command}`: {env['device']} ({env['machine']}), jax "
+            f"{env['jax']}, flax {env['flax']}, {env['date']}.\n\n{text}\n")
+  return text
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   digits = training.load("sklearn_digits", args.data_dir)
@@ -153,18 +165,15 @@ def main(argv=None) -> list[dict]:
   print("Digit-canvas segmentation, a stand-in for VOC/Cityscapes: "
         f"{args.image_size}px canvases of scikit-learn digits, "
         f"{seg.NUM_CLASSES} classes (background + 10 digits).")
-  reports = [run_one(args, m, train_set, test_set)
-             for m in training.run_names(args.method)]
   env = training.environment()
   command = "python experiments/segmentation.py " + shlex.join(
       sys.argv[1:] if argv is None else argv)
-  with open(os.path.join(args.workdir, "report.json"), "w") as f:
-    json.dump({"environment": env, "command": command, "runs": reports}, f,
-              indent=1)
-  text = seg.table(reports)
-  with open(os.path.join(args.workdir, "segmentation.md"), "w") as f:
-    f.write(f"`{command}`: {env['device']} ({env['machine']}), jax "
-            f"{env['jax']}, flax {env['flax']}, {env['date']}.\n\n{text}\n")
+  reports = []
+  for m in training.run_names(args.method):
+    # Written after every run, so that a long job stopped part-way keeps
+    # the runs it finished.
+    reports.append(run_one(args, m, train_set, test_set))
+    text = write_reports(args.workdir, env, command, reports)
   print("\n" + text)
   return reports
 
