@@ -5,7 +5,8 @@ The pieces of ``experiments/tdlrt.py`` that do not depend on its network:
 * :func:`train_plain` trains whatever a parameter tree holds (arrays,
   :class:`lowrank_vjp.tdlrt.TuckerWeight`, adapters) with an Optax
   optimizer; :func:`train_tdlrt` trains it with TDLRT's rank-adaptive step
-  (:func:`lowrank_vjp.tdlrt.step`); both jitted with the state donated,
+  (:func:`lowrank_vjp.tdlrt.step`, or the stages of a
+  :class:`lowrank_vjp.tdlrt.Cycle`); both jitted with the state donated,
   raising :class:`NonFiniteLoss` on a non-finite loss;
 * :func:`tuckerize` swaps kernels for random Tucker (or matrix) ones,
   :func:`matrix_rank_for` sizes a matrix factorization;
@@ -85,39 +86,71 @@ def train_plain(loss_fn, params, opt: optax.GradientTransformation,
 
 def train_tdlrt(loss_fn, params, opt: optax.GradientTransformation,
                 config: lt.TDLRTConfig, data_iter: Iterator, steps: int,
-                log: Log, name: str, every: int = 50):
-  """Trains ``params`` with TDLRT: ``steps`` of :func:`lowrank_vjp.tdlrt.step`.
+                log: Log, name: str, every: int = 50,
+                cycle: lt.Cycle | None = None):
+  """Trains ``params`` with TDLRT for ``steps`` steps.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> float32[]``.
     params: The parameter tree with Tucker kernels (copied).
     opt: The optimizer of the Galerkin step.
-    config: TDLRT's settings (truncation τ, adaptive modes).
+    config: TDLRT's settings (truncation τ, adaptive modes, moments).
     data_iter: Yields one batch per step.
-    steps: How many steps.
+    steps: How many steps (each one optimizer step).
     log: Called with ``{"method", "step", "loss", "ranks"}`` every
       ``every`` steps and at the last.
     name: The run's name, for ``log``.
     every: Steps between logged losses.
+    cycle: The schedule (:class:`lowrank_vjp.tdlrt.Cycle`, whose
+      ``total_steps`` must be ``steps``); None is the paper's algorithm,
+      :func:`lowrank_vjp.tdlrt.step` at every step.
 
   Returns:
     The trained parameters (at their adapted ranks).
 
   Raises:
     NonFiniteLoss: when a logged loss is not finite.
+    ValueError: if ``cycle.total_steps != steps``.
   """
+  if cycle is None:
+    cycle = lt.Cycle(adaptive_steps=steps, local_steps=1)
+  if cycle.total_steps != steps:
+    raise ValueError(f"cycle.total_steps is {cycle.total_steps}, but steps "
+                     f"is {steps}.")
   state = lt.init(opt, jax.tree_util.tree_map(jnp.copy, params))
-  train_step = jax.jit(functools.partial(lt.step, loss_fn, opt, config),
-                       donate_argnums=0)
+  jit = functools.partial(jax.jit, donate_argnums=0)
+  fused = jit(functools.partial(lt.step, loss_fn, opt, config))
+  galerkin = jit(functools.partial(lt.galerkin_step, loss_fn, opt))
+  # These two change the shapes, so there is nothing to donate to.
+  augment = jax.jit(functools.partial(lt.augment, loss_fn, config))
+  truncate = jax.jit(functools.partial(lt.truncate, config))
+  every_stage = (lt.AUGMENT, lt.GALERKIN, lt.TRUNCATE)
   for i in range(steps):
-    state, m = train_step(state, next(data_iter))
+    batch = next(data_iter)
+    actions = cycle.actions(i)
+    if actions == every_stage:
+      state, m = fused(state, batch)
+    else:
+      if lt.AUGMENT in actions:
+        state, _ = augment(state, batch)
+      state, m = galerkin(state, batch)
+      if lt.TRUNCATE in actions:
+        state, _ = truncate(state)
     if i % every == 0 or i == steps - 1:
       loss = float(m["loss"])
       _check(loss, i)
-      ranks = {k: [int(v) for v in np.asarray(d["ranks"])]
-               for k, d in m["layers"].items()}
+      ranks = {jax.tree_util.keystr(tuple(p)): [int(v) for v in
+                                               np.asarray(w.ranks())]
+               for p, w in zip(lt.tucker_paths(state.params),
+                               _tucker_weights(state.params), strict=True)}
       log(dict(method=name, step=i, loss=loss, ranks=ranks))
   return state.params
+
+
+def _tucker_weights(params) -> list:
+  leaves = jax.tree_util.tree_leaves(
+      params, is_leaf=lambda x: isinstance(x, lt.TuckerWeight))
+  return [x for x in leaves if isinstance(x, lt.TuckerWeight)]
 
 
 def tuckerize(params, key: jax.Array, names: Sequence[str], ranks,

@@ -250,3 +250,140 @@ def test_errors():
               dict(adaptive_modes=(0.5,))):
     with pytest.raises(ValueError):
       lt.TDLRTConfig(**bad)
+
+
+# ------------------------------------------------ the stages, one by one --
+
+
+def test_stages_in_a_row_are_the_step():
+  shape = (3, 3, 6, 8)
+  loss_fn, batch = _regression(shape, key=2)
+  w = _random_tucker(jax.random.key(5), shape, (3, 3, 3, 4))
+  opt = optax.adam(1e-2)
+  config = lt.TDLRTConfig(tau=0.1)
+  fused = jax.jit(functools.partial(lt.step, loss_fn, opt, config))
+  augment = jax.jit(functools.partial(lt.augment, loss_fn, config))
+  galerkin = jax.jit(functools.partial(lt.galerkin_step, loss_fn, opt))
+  truncate = jax.jit(functools.partial(lt.truncate, config))
+  a = b = lt.init(opt, {"w": w})
+  for _ in range(3):
+    a, ma = fused(a, batch)
+    b, mb = augment(b, batch)
+    assert b.augmented and b.capacities == ((3, 3, 3, 4),)
+    assert b.params["w"].core.shape == (3, 3, 6, 8)
+    b, _ = galerkin(b, batch)
+    b, mt = truncate(b)
+    assert not b.augmented
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                  strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(ma["layers"]["['w']"]["ranks"],
+                                mt["layers"]["['w']"]["ranks"])
+
+
+def test_augment_keeps_the_weight_and_galerkin_keeps_the_bases():
+  shape = (3, 3, 6, 8)
+  loss_fn, batch = _regression(shape, key=3)
+  w = _random_tucker(jax.random.key(6), shape, (3, 3, 2, 3))
+  opt = optax.adam(1e-2)
+  state = lt.init(opt, {"w": w})
+  aug, m = jax.jit(functools.partial(lt.augment, loss_fn,
+                                     lt.TDLRTConfig()))(state, batch)
+  np.testing.assert_allclose(aug.params["w"].kernel(), w.kernel(), atol=1e-6)
+  assert int(aug.step) == 0
+  np.testing.assert_array_equal(m["layers"]["['w']"]["augmented_ranks"],
+                                [3, 3, 4, 6])
+  galerkin = jax.jit(functools.partial(lt.galerkin_step, loss_fn, opt))
+  moved, _ = galerkin(aug, batch)
+  moved, _ = galerkin(moved, batch)
+  assert int(moved.step) == 2 and moved.capacities == aug.capacities
+  for f, g in zip(moved.params["w"].factors, aug.params["w"].factors,
+                  strict=True):
+    np.testing.assert_array_equal(f, g)
+  assert not np.allclose(moved.params["w"].core, aug.params["w"].core)
+
+
+def test_galerkin_steps_at_full_rank_are_gradient_steps(x64):
+  """Complete bases: k Galerkin steps in one augmented basis (SGD) are k
+  steps ``W − λ∇W`` on k different batches, to round-off."""
+  shape, lr = (3, 3, 4, 5), 0.05
+  kernel = jax.random.normal(jax.random.key(3), shape, jnp.float64)
+  w = jax.jit(lambda k: lt.tucker_from_kernel(k, ranks=None))(kernel)
+  opt = optax.sgd(lr)
+  config = lt.TDLRTConfig(tau=0.0)
+  cycle = lt.Cycle(adaptive_steps=3, local_steps=3)
+  stages = {lt.AUGMENT: None, lt.GALERKIN: None, lt.TRUNCATE: None}
+  state, ref = lt.init(opt, {"w": w}), kernel
+  for i in range(cycle.total_steps):
+    loss_fn, batch = _regression(shape, key=10 + i, dtype=jnp.float64)
+    stages[lt.AUGMENT] = functools.partial(lt.augment, loss_fn, config)
+    stages[lt.GALERKIN] = functools.partial(lt.galerkin_step, loss_fn, opt)
+    for action in cycle.actions(i):
+      if action == lt.TRUNCATE:
+        state, _ = lt.truncate(config, state)
+      else:
+        state, _ = jax.jit(stages[action])(state, batch)
+    ref = ref - lr * jax.jit(jax.grad(lambda k, b, f=loss_fn: f(
+        {"w": k}, b)))(ref, batch)
+  assert not state.augmented
+  np.testing.assert_allclose(state.params["w"].kernel(), ref, rtol=0,
+                             atol=1e-12 * float(jnp.abs(kernel).max()))
+
+
+@pytest.mark.parametrize("moments", ["mean", "zero"])
+def test_second_moment_handling(moments):
+  shape = (3, 3, 6, 8)
+  loss_fn, batch = _regression(shape, key=4)
+  w = _random_tucker(jax.random.key(7), shape, (3, 3, 2, 3))
+  opt = optax.adam(1e-2)
+  config = lt.TDLRTConfig(tau=0.2, second_moments=moments)
+  state = lt.init(opt, {"w": w})
+  state, _ = jax.jit(functools.partial(lt.step, loss_fn, opt, config))(
+      state, batch)                      # some non-zero moments
+  nu = state.opt_state[0].nu["w"]
+  ranks = [int(r) for r in state.params["w"].ranks()]
+  aug, _ = jax.jit(functools.partial(lt.augment, loss_fn, config))(
+      state, batch)
+  new_nu = aug.opt_state[0].nu["w"]
+  old = algebra.rank_mask(nu.shape, ranks)
+  padded = np.zeros(new_nu.shape, np.float32)
+  padded[tuple(slice(0, n) for n in nu.shape)] = np.where(old, nu, 0.0)
+  mask = np.zeros(new_nu.shape, bool)
+  mask[tuple(slice(0, r) for r in ranks)] = True
+  np.testing.assert_array_equal(np.asarray(new_nu)[mask], padded[mask])
+  fill = np.asarray(new_nu)[~mask]
+  expected = 0.0 if moments == "zero" else float(np.mean(np.asarray(nu)[old]))
+  np.testing.assert_allclose(fill, expected, rtol=1e-6)
+  # Truncation: the maps of the second moment, checked against the formula
+  # with the projections the truncation used.
+  stepped, _ = jax.jit(functools.partial(lt.galerkin_step, loss_fn, opt))(
+      aug, batch)
+  v = stepped.opt_state[0].nu["w"]
+  _, projs, _, _ = tdlrt_src.truncate_core(
+      stepped.params["w"].core, stepped.params["w"].ranks(), (3, 3, 2, 3),
+      config.tau)
+  out, _ = jax.jit(functools.partial(lt.truncate, config))(stepped)
+  if moments == "zero":
+    expected = jnp.square(tdlrt_src._project(jnp.sqrt(v), projs))
+  else:
+    expected = tdlrt_src._project(v, tuple(p * p for p in projs))
+  np.testing.assert_allclose(out.opt_state[0].nu["w"], expected, rtol=1e-4,
+                             atol=1e-12)
+
+
+def test_stage_errors():
+  shape = (3, 4)
+  loss_fn, batch = _regression(shape)
+  opt = optax.sgd(0.1)
+  state = lt.init(opt, {"w": _random_tucker(jax.random.key(0), shape,
+                                            (2, 2))})
+  with pytest.raises(ValueError, match="not augmented"):
+    lt.truncate(lt.TDLRTConfig(), state)
+  aug, _ = lt.augment(loss_fn, lt.TDLRTConfig(), state, batch)
+  with pytest.raises(ValueError, match="already augmented"):
+    lt.augment(loss_fn, lt.TDLRTConfig(), aug, batch)
+  with pytest.raises(ValueError, match="already augmented"):
+    lt.step(loss_fn, opt, lt.TDLRTConfig(), aug, batch)
+  with pytest.raises(ValueError, match="second_moments"):
+    lt.TDLRTConfig(second_moments="reference")

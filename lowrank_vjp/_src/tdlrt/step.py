@@ -20,6 +20,13 @@ parameter pytree:
 Static shapes: a weight of capacity ``R_i`` works in an augmented space of
 ``A_i = min(2R_i, n_i)`` columns and is truncated back to at most ``R_i``;
 unused columns are zero (masking), so one compiled step serves every rank.
+
+The three stages are also separate functions, :func:`augment`,
+:func:`galerkin_step` and :func:`truncate`, so that a loop can take several
+Galerkin steps in one augmented basis before truncating and end with
+fixed-rank fine-tuning, as the reference implementation does
+(:class:`lowrank_vjp._src.tdlrt.protocol.Cycle`); :func:`step` is the three
+in a row.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ TuckerWeight = tw.TuckerWeight
 
 SECOND_MOMENT_NAMES = ("nu", "sum_of_squares", "v", "exp_avg_sq")
 """Optimizer-state fields carried as second moments (by squared maps)."""
+
+SECOND_MOMENT_MODES = ("mean", "zero")
+"""Values of :attr:`TDLRTConfig.second_moments`."""
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -75,6 +85,13 @@ class TDLRTConfig:
       as the subspace moves, so Adam-like per-coordinate state is not
       scrambled every step. It changes the trajectory (on the digits CNN it
       truncated to lower ranks at the same τ).
+    second_moments: How second-moment optimizer state (Adam's ``nu``, see
+      :data:`SECOND_MOMENT_NAMES`) follows the bases. ``"mean"`` (default):
+      entries of new directions start at the mean of the active entries, and
+      truncation maps ``ν ×ᵢ (P_i ∘ P_i)ᵀ`` (the diagonal of the rotated
+      covariance). ``"zero"``: the reference implementation's handling — new
+      entries start at zero, and truncation maps ``(√ν ×ᵢ P_iᵀ)²``. First
+      moments are mapped exactly either way.
   """
 
   tau: float = 0.1
@@ -82,6 +99,7 @@ class TDLRTConfig:
   orth_tol: float | None = None
   adaptive_modes: tuple[int, ...] | None = None
   align_bases: bool = False
+  second_moments: str = "mean"
 
   def modes(self, ndim: int) -> tuple[int, ...]:
     """The adaptive modes of an order-``ndim`` weight, in ``[0, ndim)``."""
@@ -110,6 +128,10 @@ class TDLRTConfig:
         raise ValueError("adaptive_modes must be None or a tuple of ints, "
                          f"got {self.adaptive_modes!r}.")
       object.__setattr__(self, "adaptive_modes", modes)
+    if self.second_moments not in SECOND_MOMENT_MODES:
+      raise ValueError(
+          f"second_moments must be one of {SECOND_MOMENT_MODES}, got "
+          f"{self.second_moments!r}.")
 
 
 @jax.tree_util.register_dataclass
@@ -122,12 +144,22 @@ class TDLRTState:
     opt_state: Optax state over :func:`core_tree` of ``params`` (each
       ``TuckerWeight`` replaced by its ``[R₀, …]`` core, in the coordinates of
       the current factors).
-    step: ``int32`` step count.
+    step: ``int32`` count of optimizer (Galerkin) steps.
+    capacities: None between cycles. After :func:`augment`, the rank
+      capacities the Tucker weights had before it (one tuple per weight, in
+      :func:`tucker_paths` order; static), which :func:`truncate` restores.
   """
 
   params: Any
   opt_state: Any
   step: jax.Array
+  capacities: tuple[tuple[int, ...], ...] | None = dataclasses.field(
+      default=None, metadata={"static": True})
+
+  @property
+  def augmented(self) -> bool:
+    """Whether the weights are in an augmented basis (awaiting truncation)."""
+    return self.capacities is not None
 
 
 def _is_tucker(x) -> bool:
@@ -386,45 +418,56 @@ def _project(x, mats):
 # ------------------------------------------------------------- the step --
 
 
-def step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-         config: TDLRTConfig, state: TDLRTState, batch, *,
-         has_aux: bool = False):
-  """One TDLRT step: basis update, Galerkin step, truncation.
+def _call(loss_fn, params, batch, has_aux):
+  out = loss_fn(params, batch)
+  return out if has_aux else (out, None)
 
-  Pure and jittable; the caller jits, e.g.
-  ``jax.jit(functools.partial(step, loss_fn, optimizer, config))``.
+
+def _tucker_leaves(params):
+  leaves, treedef, idx = _flatten(params)
+  if not idx:
+    raise ValueError("TDLRT needs at least one TuckerWeight in params.")
+  return leaves, treedef, idx
+
+
+def _with_aux(metrics, aux, has_aux):
+  if has_aux:
+    metrics["aux"] = aux
+  return metrics
+
+
+def augment(loss_fn: Callable, config: TDLRTConfig, state: TDLRTState, batch,
+            *, has_aux: bool = False):
+  """TDLRT's basis update: every weight moves to its augmented basis.
+
+  One backward pass gives ``∂L/∂K_i`` for every adaptive mode of every
+  weight; the basis becomes ``Ũ_i = [U_i, orth((I − U_iU_iᵀ) ∂L/∂K_i)]`` of
+  capacity ``A_i = min(2R_i, n_i)`` and the core is zero-padded to it (the
+  weights' values are unchanged). Core-shaped optimizer state is padded
+  (second moments as :attr:`TDLRTConfig.second_moments` says). No optimizer
+  step is taken.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with
-      ``has_aux``); ``params`` holds :class:`TuckerWeight` kernels (use
-      :func:`materialize` or the Tucker layers to run the model).
-    optimizer: Optax transformation for the cores and the other parameters.
+    loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)``).
     config: A :class:`TDLRTConfig`.
-    state: The current :class:`TDLRTState`.
+    state: A :class:`TDLRTState` that is not augmented.
     batch: Passed to ``loss_fn``.
     has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    ``(state, metrics)``: the next state and a dict with ``"loss"`` (at the
-    parameters before the step), ``"aux"`` (if ``has_aux``), and per Tucker
-    weight (keyed by its path, e.g. ``"['conv2']['kernel']"``) ``"ranks"``
-    (kept, ``int32[d]``), ``"needed_ranks"`` (τ-ranks before the capacity
-    cap) and ``"augmented_ranks"``.
+    ``(state, metrics)``: the augmented state (``state.capacities`` holds the
+    capacities to truncate back to) and ``{"loss", "layers": {path:
+    {"augmented_ranks"}}}`` (plus ``"aux"``).
 
   Raises:
-    ValueError: if ``state.params`` holds no :class:`TuckerWeight`.
+    ValueError: if ``state`` is already augmented or holds no TuckerWeight.
   """
-  leaves, treedef, idx = _flatten(state.params)
-  if not idx:
-    raise ValueError("TDLRT needs at least one TuckerWeight in params.")
+  if state.augmented:
+    raise ValueError("augment: the state is already augmented; truncate it "
+                     "first (lowrank_vjp.tdlrt.truncate).")
+  leaves, treedef, idx = _tucker_leaves(state.params)
   weights = [leaves[i] for i in idx]
   paths = tucker_paths(state.params)
-
-  def call(params):
-    out = loss_fn(params, batch)
-    return out if has_aux else (out, None)
-
-  # 1. Basis gradients ∂L/∂K_i of every mode of every weight: one backward.
   adaptive = [config.modes(len(w.factors)) for w in weights]
 
   def loss_of_factors(factor_lists):
@@ -436,81 +479,187 @@ def step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         factors[m] = f
       new[i] = TuckerWeight(w.core, tuple(factors), w.shape, form="basis",
                             basis_modes=modes)
-    return call(treedef.unflatten(new))
+    return _call(loss_fn, treedef.unflatten(new), batch, has_aux)
 
   (loss, aux), kgrads = jax.value_and_grad(loss_of_factors, has_aux=True)(
       [[w.factors[m] for m in modes]
        for w, modes in zip(weights, adaptive, strict=True)])
 
-  bases, aug_ranks, aug_cores, entries = [], [], [], []
-  for w, kg, path, modes in zip(weights, kgrads, paths, adaptive, strict=False):
+  new_leaves = list(leaves)
+  entries, metrics_w = [], {}
+  for i, w, kg, path, modes in zip(idx, weights, kgrads, paths, adaptive,
+                                   strict=True):
     ranks = w.ranks()
     tol = config.orth_tol
     if tol is None:
       tol = float(np.sqrt(np.finfo(w.core.dtype).eps))
-    modes_b, modes_r = [], []
-    for i, u in enumerate(w.factors):
-      if i in modes:
+    bases, aug_ranks = [], []
+    for m, u in enumerate(w.factors):
+      if m in modes:
         a = augmented_capacity(u.shape[0], u.shape[1])
-        b, r = augment_basis(u, kg[modes.index(i)], ranks[i], a, tol)
+        b, r = augment_basis(u, kg[modes.index(m)], ranks[m], a, tol)
       else:
-        b, r = u, ranks[i]
-      modes_b.append(b)
-      modes_r.append(r)
-    aug_shape = tuple(b.shape[1] for b in modes_b)
-    bases.append(tuple(modes_b))
-    aug_ranks.append(jnp.stack(modes_r))
-    aug_cores.append(_pad_to(w.core, aug_shape))
+        b, r = u, ranks[m]
+      bases.append(b)
+      aug_ranks.append(r)
+    aug_shape = tuple(b.shape[1] for b in bases)
+    new_leaves[i] = TuckerWeight(_pad_to(w.core, aug_shape), tuple(bases),
+                                 w.shape)
     pad = lambda x, s=aug_shape: _pad_to(x, s)
-    pad2 = lambda x, s=aug_shape, r=ranks: _pad_second_moment(x, s, r)
+    if config.second_moments == "mean":
+      pad2 = lambda x, s=aug_shape, r=ranks: _pad_second_moment(x, s, r)
+    else:
+      pad2 = pad
     entries.append((tuple(path), w.core.shape, pad, pad2))
+    metrics_w[jax.tree_util.keystr(tuple(path))] = {
+        "augmented_ranks": jnp.stack(aug_ranks)}
+  new_state = TDLRTState(
+      params=treedef.unflatten(new_leaves),
+      opt_state=transport_state(state.opt_state, entries), step=state.step,
+      capacities=tuple(tuple(w.capacity) for w in weights))
+  return new_state, _with_aux({"loss": loss, "layers": metrics_w}, aux,
+                              has_aux)
 
-  # 2. Galerkin step on the augmented cores (and the other parameters).
-  gleaves = list(leaves)
-  for i, c in zip(idx, aug_cores, strict=False):
-    gleaves[i] = c
-  gtree = treedef.unflatten(gleaves)
-  opt_state = transport_state(state.opt_state, entries)
+
+def galerkin_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                  state: TDLRTState, batch, *, has_aux: bool = False):
+  """One optimizer step on the cores in fixed bases (TDLRT's S-step).
+
+  The factors stay as they are; the cores and every parameter that is not a
+  Tucker weight take one ``optimizer`` step. In an augmented state this is
+  the Galerkin step of the cycle; in a state between cycles it is
+  fixed-rank training (the reference's fine-tuning phase).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)``).
+    optimizer: The Optax transformation of :func:`init`.
+    state: A :class:`TDLRTState`, augmented or not.
+    batch: Passed to ``loss_fn``.
+    has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``(state, metrics)`` with ``metrics = {"loss"}`` (at the parameters before
+    the step; plus ``"aux"``).
+  """
+  leaves, treedef, idx = _tucker_leaves(state.params)
+  cores = core_tree(state.params)
 
   def loss_of_cores(tree):
     new = treedef.flatten_up_to(tree)
-    for i, w, b in zip(idx, weights, bases, strict=False):
-      new[i] = TuckerWeight(new[i], b, w.shape)
-    return call(treedef.unflatten(new))[0]
+    for i in idx:
+      w = leaves[i]
+      new[i] = TuckerWeight(new[i], w.factors, w.shape)
+    return _call(loss_fn, treedef.unflatten(new), batch, has_aux)
 
-  grads = jax.grad(loss_of_cores)(gtree)
-  updates, opt_state = optimizer.update(grads, opt_state, gtree)
-  gtree = optax.apply_updates(gtree, updates)
-
-  # 3. Truncation, and the optimizer state follows the kept directions.
-  new_leaves = treedef.flatten_up_to(gtree)
-  entries, metrics_w = [], {}
-  for i, w, b, ar, path, modes in zip(idx, weights, bases, aug_ranks, paths,
-                                     adaptive, strict=False):
-    core, projs, kept, needed = truncate_core(
-        new_leaves[i], ar, w.capacity, config.tau, config.min_rank,
-        modes=modes, align=config.align_bases)
-    factors = []
-    for axis, (bi, p, r) in enumerate(zip(b, projs, kept, strict=False)):
-      if axis not in modes:
-        factors.append(bi)
-        continue
-      q, rr = reorthonormalize(jnp.dot(bi, p, precision=_HIGHEST), r)
-      factors.append(q.astype(w.factors[axis].dtype))
-      core = algebra.mode_dot(core, rr, axis)
-    factors = tuple(factors)
-    new_leaves[i] = TuckerWeight(core.astype(w.core.dtype), factors, w.shape)
-    sq = tuple(jnp.square(p) for p in projs)
-    entries.append((tuple(path), tuple(bi.shape[1] for bi in b),
-                    lambda x, m=projs: _project(x, m),
-                    lambda x, m=sq: _project(x, m)))
-    metrics_w[jax.tree_util.keystr(tuple(path))] = {
-        "ranks": kept, "needed_ranks": needed, "augmented_ranks": ar}
-  opt_state = transport_state(opt_state, entries)
-
-  metrics = {"loss": loss, "layers": metrics_w}
-  if has_aux:
-    metrics["aux"] = aux
+  (loss, aux), grads = jax.value_and_grad(loss_of_cores, has_aux=True)(cores)
+  updates, opt_state = optimizer.update(grads, state.opt_state, cores)
+  cores = treedef.flatten_up_to(optax.apply_updates(cores, updates))
+  new_leaves = list(leaves)
+  for i, leaf in enumerate(cores):
+    if i in idx:
+      w = leaves[i]
+      new_leaves[i] = TuckerWeight(leaf.astype(w.core.dtype), w.factors,
+                                   w.shape)
+    else:
+      new_leaves[i] = leaf
   new_state = TDLRTState(params=treedef.unflatten(new_leaves),
-                         opt_state=opt_state, step=state.step + 1)
-  return new_state, metrics
+                         opt_state=opt_state, step=state.step + 1,
+                         capacities=state.capacities)
+  return new_state, _with_aux({"loss": loss}, aux, has_aux)
+
+
+def truncate(config: TDLRTConfig, state: TDLRTState):
+  """TDLRT's truncation: every weight back to at most its capacity.
+
+  Per adaptive mode, the smallest rank whose discarded singular values of
+  the unfolded core have norm ``≤ τ‖C̃‖_F`` (:func:`truncate_core`), then a
+  polar re-orthonormalization of the factors; core-shaped optimizer state
+  follows the kept directions.
+
+  Args:
+    config: A :class:`TDLRTConfig`.
+    state: An augmented :class:`TDLRTState` (from :func:`augment`).
+
+  Returns:
+    ``(state, metrics)``: the state with ``capacities=None`` and per weight
+    ``{"ranks", "needed_ranks", "augmented_ranks"}`` under ``"layers"``.
+
+  Raises:
+    ValueError: if ``state`` is not augmented.
+  """
+  if not state.augmented:
+    raise ValueError("truncate: the state is not augmented (call "
+                     "lowrank_vjp.tdlrt.augment first).")
+  leaves, treedef, idx = _tucker_leaves(state.params)
+  paths = tucker_paths(state.params)
+  new_leaves = list(leaves)
+  entries, metrics_w = [], {}
+  for i, cap, path in zip(idx, state.capacities, paths, strict=True):
+    w = leaves[i]
+    modes = config.modes(len(w.factors))
+    aug_ranks = w.ranks()
+    core, projs, kept, needed = truncate_core(
+        w.core, aug_ranks, cap, config.tau, config.min_rank, modes=modes,
+        align=config.align_bases)
+    factors = []
+    for axis, (b, p, r) in enumerate(zip(w.factors, projs, kept,
+                                         strict=True)):
+      if axis not in modes:
+        factors.append(b)
+        continue
+      q, h = reorthonormalize(jnp.dot(b, p, precision=_HIGHEST), r)
+      factors.append(q.astype(b.dtype))
+      core = algebra.mode_dot(core, h, axis)
+    new_leaves[i] = TuckerWeight(core.astype(w.core.dtype), tuple(factors),
+                                 w.shape)
+    first = lambda x, m=projs: _project(x, m)
+    if config.second_moments == "mean":
+      sq = tuple(jnp.square(p) for p in projs)
+      second = lambda x, m=sq: _project(x, m)
+    else:
+      second = lambda x, m=projs: jnp.square(
+          _project(jnp.sqrt(jnp.maximum(x, 0.0)), m))
+    entries.append((tuple(path), w.core.shape, first, second))
+    metrics_w[jax.tree_util.keystr(tuple(path))] = {
+        "ranks": kept, "needed_ranks": needed, "augmented_ranks": aug_ranks}
+  new_state = TDLRTState(params=treedef.unflatten(new_leaves),
+                         opt_state=transport_state(state.opt_state, entries),
+                         step=state.step)
+  return new_state, {"layers": metrics_w}
+
+
+def step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+         config: TDLRTConfig, state: TDLRTState, batch, *,
+         has_aux: bool = False):
+  """One TDLRT step: basis update, Galerkin step, truncation.
+
+  :func:`augment`, :func:`galerkin_step` and :func:`truncate` in a row, on
+  one batch (two backward passes). Pure and jittable; the caller jits, e.g.
+  ``jax.jit(functools.partial(step, loss_fn, optimizer, config))``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with
+      ``has_aux``); ``params`` holds :class:`TuckerWeight` kernels (use
+      :func:`materialize` or the Tucker layers to run the model).
+    optimizer: Optax transformation for the cores and the other parameters.
+    config: A :class:`TDLRTConfig`.
+    state: The current :class:`TDLRTState` (not augmented).
+    batch: Passed to ``loss_fn``.
+    has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``(state, metrics)``: the next state and a dict with ``"loss"`` (at the
+    parameters before the step), ``"aux"`` (if ``has_aux``), and per Tucker
+    weight (keyed by its path, e.g. ``"['conv2']['kernel']"``) ``"ranks"``
+    (kept, ``int32[d]``), ``"needed_ranks"`` (τ-ranks before the capacity
+    cap) and ``"augmented_ranks"``.
+
+  Raises:
+    ValueError: if ``state.params`` holds no :class:`TuckerWeight`, or
+      ``state`` is augmented.
+  """
+  state, first = augment(loss_fn, config, state, batch, has_aux=has_aux)
+  state, _ = galerkin_step(loss_fn, optimizer, state, batch, has_aux=has_aux)
+  state, last = truncate(config, state)
+  metrics = {"loss": first["loss"], "layers": last["layers"]}
+  return state, _with_aux(metrics, first.get("aux"), has_aux)
