@@ -300,6 +300,41 @@ def load_digits_split():
   return (x[~test], y[~test]), (x[test], y[test])
 
 
+def load_fashion_mnist_arrays(train_examples: int | None = None,
+                              test_examples: int | None = None,
+                              source_dir: str = FASHION_MNIST_DIR):
+  """Debian's Fashion-MNIST as standardised in-memory arrays.
+
+  Args:
+    train_examples: Keep the first this many training images (None: all
+      60,000).
+    test_examples: Keep the first this many test images (None: all 10,000).
+    source_dir: Where ``dataset-fashion-mnist`` installed its files.
+
+  Returns:
+    ``((x_train, y_train), (x_test, y_test))``: ``float32[N, 28, 28, 1]``
+    images standardised with the kept training images' mean and deviation,
+    ``int32[N]`` labels.
+
+  Raises:
+    FileNotFoundError: when the package is not installed.
+  """
+  if not available_fashion_mnist(source_dir):
+    raise FileNotFoundError(
+        f"Fashion-MNIST is not installed in {source_dir!r} "
+        "(`apt-get install dataset-fashion-mnist`).")
+  read = lambda prefix, kind: read_idx(
+      os.path.join(source_dir, f"{prefix}-{kind}-idx"
+                   f"{3 if kind == 'images' else 1}-ubyte.gz"))
+  xtr = read("train", "images")[:train_examples].astype(np.float32) / 255
+  ytr = read("train", "labels")[:train_examples].astype(np.int32)
+  xte = read("t10k", "images")[:test_examples].astype(np.float32) / 255
+  yte = read("t10k", "labels")[:test_examples].astype(np.int32)
+  mean, std = xtr.mean(), xtr.std()
+  norm = lambda x: ((x - mean) / std)[..., None]
+  return (norm(xtr), ytr), (norm(xte), yte)
+
+
 def epoch_batches(x: np.ndarray, y: np.ndarray, batch: int,
                   seed: int) -> Iterator[tuple]:
   """Endless shuffled batches of in-memory arrays, epoch by epoch.

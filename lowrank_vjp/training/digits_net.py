@@ -1,4 +1,8 @@
-"""The small CNN of ``experiments/tdlrt.py`` for scikit-learn's 8×8 digits.
+"""The small CNNs of the TDLRT experiments.
+
+:class:`Net`, for scikit-learn's 8×8 digits (``experiments/tdlrt.py`` and
+``experiments/tdlrt_study.py``), and :class:`SmallVGG`, for Fashion-MNIST's
+28×28 images (``experiments/tdlrt_study.py --task fashion_mnist``).
 
 ``conv(32) → conv(64) → avg-pool 2 → conv(64) → mean → dense(classes)``,
 each conv followed by :func:`lowrank_vjp.relu`; conv2 and conv3
@@ -56,7 +60,34 @@ class Net(nn.Module):
     return nn.Dense(self.classes, name="head")(x.mean((1, 2)))
 
 
-def make_loss(model: Net):
+class SmallVGG(nn.Module):
+  """conv(32) → max-pool 2 → conv(64) → conv(64) → avg-pool 2 → conv(128) →
+  mean → dense(classes), each conv followed by :func:`lowrank_vjp.relu`;
+  :data:`VGG_FACTORIZED` are conv2, conv3 and conv4 (129k of its 131k
+  parameters).
+
+  Example:
+    >>> params = SmallVGG().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  """
+
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = lv.relu(nn.Conv(32, (3, 3), name="conv1")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = lv.relu(nn.Conv(64, (3, 3), name="conv2")(x))
+    x = lv.relu(nn.Conv(64, (3, 3), name="conv3")(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = lv.relu(nn.Conv(128, (3, 3), name="conv4")(x))
+    return nn.Dense(self.classes, name="head")(x.mean((1, 2)))
+
+
+VGG_FACTORIZED = ("conv2", "conv3", "conv4")
+"""The layers of :class:`SmallVGG` whose kernels are factorized."""
+
+
+def make_loss(model: nn.Module):
   """``loss_fn(params, (x, y)) -> float32[]``: mean cross-entropy.
 
   ``params`` may hold factorized kernels (materialized first).
@@ -74,11 +105,21 @@ def _eval_fn(classes):
   return jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
 
 
-def accuracy(params, data, classes: int = 10) -> float:
-  """Top-1 accuracy of :class:`Net` with ``params`` on ``data = (x, y)``."""
+def accuracy(params, data, classes: int = 10, model: nn.Module | None = None,
+             batch: int = 1000) -> float:
+  """Top-1 accuracy of ``model`` (:class:`Net` when None) with ``params`` on
+  ``data = (x, y)``, ``batch`` examples at a time."""
   x, y = data
-  pred = _eval_fn(classes)(lt.materialize(params), jnp.asarray(x))
-  return float(np.mean(np.asarray(pred) == y))
+  fn = _eval_fn(classes) if model is None else _model_eval_fn(model)
+  params = lt.materialize(params)
+  pred = np.concatenate([np.asarray(fn(params, jnp.asarray(x[i:i + batch])))
+                         for i in range(0, len(x), batch)])
+  return float(np.mean(pred == y))
+
+
+@functools.cache
+def _model_eval_fn(model):
+  return jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
 
 
 def activation_bytes(params, batch, hosvd_eps: float | None) -> int:
