@@ -319,8 +319,9 @@ def main(argv=None) -> dict:
            f"{env['jax']}, {env['date']}; {report['wall_s']:.0f} s.", "",
            text]
   if robustness:
-    lines += ["", "| initialisation | TDLRT test % | vanilla Tucker (capacity) "
-              "test % | TDLRT − Tucker, points (95 % CI) |", "|---|---|---|---|"]
+    lines += ["", "| initialisation | TDLRT test % | vanilla Tucker "
+              "(capacity) test % | TDLRT − Tucker, points (95 % CI) |",
+              "|---|---|---|---|"]
     for c, e in report["robustness"].items():
       d = e["tdlrt_minus_tucker"]
       lines.append(

@@ -41,8 +41,8 @@ from lowrank_vjp._src.tdlrt.step import galerkin_step as galerkin_step
 from lowrank_vjp._src.tdlrt.step import init as init
 from lowrank_vjp._src.tdlrt.step import step as step
 from lowrank_vjp._src.tdlrt.step import truncate as truncate
-from lowrank_vjp._src.tdlrt.step import tucker_paths as tucker_paths
 from lowrank_vjp._src.tdlrt.step import truncate_core as truncate_core
+from lowrank_vjp._src.tdlrt.step import tucker_paths as tucker_paths
 from lowrank_vjp._src.tdlrt.weight import TuckerWeight as TuckerWeight
 from lowrank_vjp._src.tdlrt.weight import capacities as capacities
 from lowrank_vjp._src.tdlrt.weight import materialize as materialize

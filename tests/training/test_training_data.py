@@ -142,3 +142,28 @@ def test_digits_arrays_and_epoch_batches():
   again = next(data_lib.epoch_batches(x, y, 100, seed=0))
   np.testing.assert_array_equal(np.asarray(again[1]),
                                 np.asarray(first[0][1]))
+
+
+def test_fashion_mnist_arrays_standardised_and_cut(tmp_path):
+  src = tmp_path / "fashion-mnist"
+  src.mkdir()
+  rng = np.random.default_rng(1)
+  raw = {}
+  for prefix, n in (("train", 12), ("t10k", 5)):
+    raw[prefix] = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, (n,))
+    _write_idx(src / f"{prefix}-images-idx3-ubyte.gz", raw[prefix][0])
+    _write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", raw[prefix][1])
+  (x, y), (xt, yt) = data_lib.load_fashion_mnist_arrays(
+      train_examples=10, test_examples=4, source_dir=str(src))
+  assert x.shape == (10, 28, 28, 1) and xt.shape == (4, 28, 28, 1)
+  assert x.dtype == np.float32 and y.dtype == np.int32
+  np.testing.assert_array_equal(y, raw["train"][1][:10])
+  np.testing.assert_array_equal(yt, raw["t10k"][1][:4])
+  assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-5
+  # The test images use the training images' statistics.
+  train = raw["train"][0][:10] / 255.0
+  np.testing.assert_allclose(
+      xt[..., 0], (raw["t10k"][0][:4] / 255.0 - train.mean()) / train.std(),
+      rtol=1e-4, atol=1e-5)
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    data_lib.load_fashion_mnist_arrays(source_dir=str(tmp_path / "none"))

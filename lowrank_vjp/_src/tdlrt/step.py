@@ -25,7 +25,7 @@ The three stages are also separate functions, :func:`augment`,
 :func:`galerkin_step` and :func:`truncate`, so that a loop can take several
 Galerkin steps in one augmented basis before truncating and end with
 fixed-rank fine-tuning, as the reference implementation does
-(:class:`lowrank_vjp._src.tdlrt.protocol.Cycle`); :func:`step` is the three
+(:class:`lowrank_vjp.tdlrt.Cycle`); :func:`step` is the three
 in a row.
 """
 
