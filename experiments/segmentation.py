@@ -67,6 +67,11 @@ def parse_args(argv=None):
                  help="the encoder's rate relative to --lr")
   p.add_argument("--train-examples", type=int, default=4000)
   p.add_argument("--test-examples", type=int, default=256)
+  p.add_argument("--rank-patience", type=int, default=50,
+                 help="HOSVD/SVD: steps before a rank capacity may shrink")
+  p.add_argument("--rank-headroom", type=float, default=1.0,
+                 help="HOSVD/SVD: grow a capacity to the rung holding "
+                 "headroom × need")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--workdir", default="workdir_segmentation")
   p.add_argument("--seed", type=int, default=0)
@@ -88,16 +93,18 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
   trained, frozen = plan.split(variables)
   tx = seg.optimizer(args.lr, args.steps, args.encoder_lr_scale)
   state = training.initial_state(trained, tx)
+  # HOSVD and SVD keep their ε-ranks in static capacities that a rank
+  # controller moves (and recomputes a step that needed more), as train.py.
+  controller = training.make_controller(plan, patience=args.rank_patience,
+                                        headroom=args.rank_headroom)
   step_fn = training.make_train_step(model, plan, tx, args.seed,
-                                     args.image_size)
+                                     args.image_size,
+                                     redo_on_overflow=controller is not None)
   batch = lambda s: train_set.batch(
       np.random.default_rng([args.seed, s]).integers(0, len(train_set),
                                                      args.batch_size))
   images, labels = batch(0)
-  t = time.perf_counter()
-  compiled = step_fn.lower(state, frozen, images, labels).compile()
-  compile_time = time.perf_counter() - t
-  xla = training.compiled_memory(compiled)
+  programs = training.Programs(step_fn, state, frozen, images, labels)
   log(f"[{label}] segmentation, encoder layers fine-tuned:\n"
       + plan.describe())
   rows = []
@@ -107,14 +114,14 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
     steps = tqdm(steps, desc=label, unit="step", file=sys.stdout)
   for s in steps:
     images, labels = batch(s)
-    t = time.perf_counter()
-    state, metrics = training.run_step(compiled, None, state, frozen, images,
-                                       labels)
-    dt = time.perf_counter() - t
+    state, metrics, dt, compile_s = training.timed_step(
+        programs, controller, state, frozen, images, labels)
     loss = training.check_finite(float(metrics["loss"]), f"at step {s}")
     rows.append({"step": s + 1, "loss": loss,
                  "pixel_accuracy": float(metrics["accuracy"]),
-                 "step_time_s": dt, **training.stats_row(metrics["stats"])})
+                 "step_time_s": dt, "compile_time_s": compile_s,
+                 **training.stats_row(metrics["stats"])})
+  xla = programs.most_run()
   os.makedirs(args.workdir, exist_ok=True)
   training.write_metrics(os.path.join(args.workdir, f"{method}.jsonl"), rows)
   final = training.final_variables(plan, state, frozen)
@@ -138,7 +145,9 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
       "xla_peak_mib": xla.peak_bytes / training.MiB,
       "step_time_mean_s": float(times.mean()),
       "step_time_median_s": float(np.median(times)),
-      "compile_time_s": compile_time,
+      "compile_time_s": programs.compile_time,
+      "compiles": len(programs),
+      "steps_below_eps": sum(r["overflow_layers"] > 0 for r in rows),
       "ranks": {p: rows[-1]["ranks"][p] for p in plan.compressed_paths},
   }
 

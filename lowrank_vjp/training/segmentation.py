@@ -227,11 +227,14 @@ def table(reports: Sequence[dict]) -> str:
   """A Markdown table of segmentation runs, one row per report.
 
   Step times are also given relative to the first run's, measured in the
-  same job.
+  same job. "compiles" counts the capacity settings a rank controller
+  compiled (1 without one); "steps < ε" the steps on which some layer kept
+  less than ε (0 whenever the controller redid them).
   """
   lines = ["| run | mIoU % | pixel acc. % | act. MiB (peak) | vanilla act. MiB "
-           "| XLA peak MiB | step ms (median) | × first | compile s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| XLA peak MiB | step ms (median) | × first | compile s "
+           "| compiles | steps < ε |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   first = reports[0]["step_time_median_s"] if reports else None
   for r in reports:
     ratio = r["step_time_median_s"] / first if first else float("nan")
@@ -241,7 +244,8 @@ def table(reports: Sequence[dict]) -> str:
         f"| {r['activation_memory_analytic_peak_mib']:.3f} "
         f"| {r['activation_memory_vanilla_mib']:.3f} "
         f"| {r['xla_peak_mib']:.2f} | {1000 * r['step_time_median_s']:.1f} "
-        f"| {ratio:.2f} | {r['compile_time_s']:.1f} |")
+        f"| {ratio:.2f} | {r['compile_time_s']:.1f} | {r['compiles']} "
+        f"| {r['steps_below_eps']} |")
   return "\n".join(lines)
 
 

@@ -23,6 +23,10 @@ def test_segmentation_smoke(tmp_path, data_dir, script):
   assert report["layers"][-1] == "encoder/features/18/0"
   assert report["activation_memory_analytic_peak_mib"] > 0
   assert "stand-in" in report["task"]
+  # HOSVD ran under the rank controller: every step kept ε, and the first
+  # step's probe at the configured capacities made at least two programs.
+  assert report["steps_below_eps"] == 0 and report["compiles"] >= 2
+  assert report["settings"]["on_overflow"] == "ignore"
   with open(tmp_path / "report.json") as f:
     assert [r["run"] for r in json.load(f)["runs"]] == ["hosvd(eps=0.8)"]
   with open(tmp_path / "hosvd.jsonl") as f:

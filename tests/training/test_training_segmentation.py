@@ -85,9 +85,11 @@ def test_table_has_a_row_per_run():
   report = {"run": "vanilla", "mean_iou": 0.5, "pixel_accuracy": 0.9,
             "activation_memory_analytic_peak_mib": 1.0,
             "activation_memory_vanilla_mib": 1.0, "xla_peak_mib": 10.0,
-            "step_time_median_s": 0.2, "compile_time_s": 3.0}
-  lines = seg.table([report, dict(report, run="hosvd",
+            "step_time_median_s": 0.2, "compile_time_s": 3.0, "compiles": 1,
+            "steps_below_eps": 0}
+  lines = seg.table([report, dict(report, run="hosvd", compiles=4,
                                   step_time_median_s=0.3)]).splitlines()
   assert len(lines) == 4
   assert lines[2].startswith("| vanilla | 50.00 | 90.00 |")
   assert "| 1.00 |" in lines[2] and "| 1.50 |" in lines[3]
+  assert lines[2].endswith("| 1 | 0 |") and lines[3].endswith("| 4 | 0 |")
