@@ -118,8 +118,12 @@ def parse_args(argv=None):
                  default="channels")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--weight-decay", type=float, default=1e-4)
-  p.add_argument("--conditions", default="cond=1000,scale=0.01",
-                 help="initialisations of the robustness runs; '' for none")
+  p.add_argument("--conditions", default="cond=1,cond=1000,scale=0.01",
+                 help="initialisations of the robustness runs (cond=1 is "
+                 "the unchanged one, their reference); '' for none")
+  p.add_argument("--robustness-tucker-lr", type=float, default=None,
+                 help="vanilla Tucker's rate in the robustness runs (default:"
+                 " the oracle's selected rate, else TDLRT's)")
   p.add_argument("--baselines", default=",".join(BASELINES),
                  help="comma-separated subset of the baselines; '' for none")
   p.add_argument("--variants", default="second_moments=mean;local_steps=1",
@@ -291,7 +295,8 @@ def main(argv=None) -> dict:
         w[n]["kernel"] = _condition(w[n]["kernel"], c)
       rows.append(study.run(f"tdlrt@{c}", lr_t, s, w, tdlrt=True,
                             condition=c))
-      lr_v = summary.get("tucker_oracle", summary["tdlrt"])["lr"]
+      lr_v = args.robustness_tucker_lr or summary.get(
+          "tucker_oracle", summary["tdlrt"])["lr"]
       rows.append(study.run(f"tucker_capacity@{c}", lr_v, s, w,
                             condition=c))
     robustness[c] = rows
