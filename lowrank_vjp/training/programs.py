@@ -33,36 +33,65 @@ class Programs:
     *example: ``(state, frozen, images, labels)`` as arrays or
       ``jax.ShapeDtypeStruct`` s (only shapes, dtypes and shardings are
       kept, so donated arrays may be passed).
+    max_programs: Most compiled programs kept at once (None: no bound);
+      beyond it the least recently used is released and compiled again if
+      its setting comes back. Every program holds its machine code: a long
+      run whose rank controller visits hundreds of settings otherwise grows
+      without bound (a 17-layer HOSVD run exhausted Linux's default 65,530
+      memory mappings per process after about 560 steps and crashed in
+      LLVM).
 
   Attributes:
-    compile_s: Seconds of compilation per setting.
+    compile_s: Seconds of compilation per setting (recompilations added).
     memory: :class:`lowrank_vjp.measure.XlaMemory` per setting.
     steps: Calls per setting (counted by :meth:`count`).
+    compiles: Compilations, recompilations of released programs included.
   """
 
-  def __init__(self, train_step, *example):
+  def __init__(self, train_step, *example, max_programs: int | None = 16):
+    if max_programs is not None and (
+        isinstance(max_programs, bool) or not isinstance(max_programs, int)
+        or max_programs < 1):
+      raise ValueError("Programs: max_programs must be None or an int >= 1, "
+                       f"got {max_programs!r}.")
     self._step = train_step
     self._example = jax.tree.map(_spec, example)
-    self._compiled: dict[Hashable, object] = {}
+    self._compiled: collections.OrderedDict[Hashable, object] = (
+        collections.OrderedDict())
+    self.max_programs = max_programs
     self.compile_s: dict[Hashable, float] = {}
     self.memory: dict[Hashable, object] = {}
     self.steps: collections.Counter = collections.Counter()
+    self.compiles = 0
 
   def __call__(self, capacities=None):
-    if capacities not in self._compiled:
-      t = time.perf_counter()
-      compiled = self._step.lower(*self._example,
-                                  capacities=capacities).compile()
-      self.compile_s[capacities] = time.perf_counter() - t
-      self.memory[capacities] = report_lib.compiled_memory(compiled)
-      self._compiled[capacities] = compiled
-    return self._compiled[capacities]
+    if capacities in self._compiled:
+      self._compiled.move_to_end(capacities)
+      return self._compiled[capacities]
+    t = time.perf_counter()
+    compiled = self._step.lower(*self._example,
+                                capacities=capacities).compile()
+    self.compile_s[capacities] = (self.compile_s.get(capacities, 0.0)
+                                  + time.perf_counter() - t)
+    self.memory[capacities] = report_lib.compiled_memory(compiled)
+    self.compiles += 1
+    self._compiled[capacities] = compiled
+    while (self.max_programs is not None
+           and len(self._compiled) > self.max_programs):
+      self._compiled.popitem(last=False)
+    return compiled
 
   def count(self, capacities) -> None:
     """Records one step run at ``capacities``."""
     self.steps[capacities] += 1
 
   def __len__(self) -> int:
+    """Distinct settings compiled (released ones included)."""
+    return len(self.compile_s)
+
+  @property
+  def held(self) -> int:
+    """Compiled programs held now (at most ``max_programs``)."""
     return len(self._compiled)
 
   @property

@@ -1,10 +1,15 @@
-"""lowrank_vjp.training.programs: the largest batch of the step that runs."""
+"""lowrank_vjp.training.programs: the compiled programs of a run, and the
+largest batch of the step that runs."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 import lowrank_vjp as lv
 from lowrank_vjp import training
@@ -30,3 +35,24 @@ def test_largest_batch_searches_the_donated_step_that_runs(tiny):
   fits = [b for b, m in peaks.items() if m.peak_bytes <= budget]
   assert found.batch >= max(fits) and found.peak_bytes <= budget
   assert found.batch < 6
+
+
+def test_programs_release_the_least_recently_used():
+  @functools.partial(jax.jit, static_argnames="capacities")
+  def step(x, capacities=None):
+    return x * (1.0 if capacities is None else float(capacities))
+
+  programs = training.Programs(step, jnp.ones(3), max_programs=2)
+  first = programs(None)
+  programs(2)
+  assert programs(None) is first                 # held: no compile
+  programs(3)                                     # releases 2, not None
+  assert (programs.held, len(programs), programs.compiles) == (2, 3, 3)
+  assert programs(None) is first
+  before = programs.compile_s[2]
+  np.testing.assert_array_equal(programs(2)(jnp.ones(3)), 2.0)
+  assert programs.compiles == 4 and programs.compile_s[2] > before
+  assert programs.held == 2 and len(programs) == 3
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="max_programs"):
+      training.Programs(step, jnp.ones(3), max_programs=bad)
