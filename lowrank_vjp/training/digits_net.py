@@ -99,18 +99,12 @@ def make_loss(model: nn.Module):
   return loss_fn
 
 
-@functools.cache
-def _eval_fn(classes):
-  model = Net(classes)
-  return jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
-
-
 def accuracy(params, data, classes: int = 10, model: nn.Module | None = None,
              batch: int = 1000) -> float:
   """Top-1 accuracy of ``model`` (:class:`Net` when None) with ``params`` on
   ``data = (x, y)``, ``batch`` examples at a time."""
   x, y = data
-  fn = _eval_fn(classes) if model is None else _model_eval_fn(model)
+  fn = _eval_fn(Net(classes) if model is None else model)
   params = lt.materialize(params)
   pred = np.concatenate([np.asarray(fn(params, jnp.asarray(x[i:i + batch])))
                          for i in range(0, len(x), batch)])
@@ -118,7 +112,7 @@ def accuracy(params, data, classes: int = 10, model: nn.Module | None = None,
 
 
 @functools.cache
-def _model_eval_fn(model):
+def _eval_fn(model):
   return jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), -1))
 
 

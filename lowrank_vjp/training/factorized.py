@@ -139,18 +139,12 @@ def train_tdlrt(loss_fn, params, opt: optax.GradientTransformation,
     if i % every == 0 or i == steps - 1:
       loss = float(m["loss"])
       _check(loss, i)
-      ranks = {jax.tree_util.keystr(tuple(p)): [int(v) for v in
-                                               np.asarray(w.ranks())]
-               for p, w in zip(lt.tucker_paths(state.params),
-                               _tucker_weights(state.params), strict=True)}
+      flat, _ = jax.tree_util.tree_flatten_with_path(
+          state.params, is_leaf=lambda x: isinstance(x, lt.TuckerWeight))
+      ranks = {jax.tree_util.keystr(p): [int(v) for v in np.asarray(
+          w.ranks())] for p, w in flat if isinstance(w, lt.TuckerWeight)}
       log(dict(method=name, step=i, loss=loss, ranks=ranks))
   return state.params
-
-
-def _tucker_weights(params) -> list:
-  leaves = jax.tree_util.tree_leaves(
-      params, is_leaf=lambda x: isinstance(x, lt.TuckerWeight))
-  return [x for x in leaves if isinstance(x, lt.TuckerWeight)]
 
 
 def tuckerize(params, key: jax.Array, names: Sequence[str], ranks,
