@@ -26,8 +26,15 @@ import lowrank_vjp as lv
 from lowrank_vjp.training import rank_replay
 
 GRID = ((2, 100, 1.0), (2, 50, 1.0), (2, 25, 1.0), (3, 100, 1.0),
-        (3, 50, 1.0), (4, 100, 1.0), (4, 50, 1.0))
-"""(rungs per octave, patience, headroom) replayed by default."""
+        (3, 50, 1.0), (4, 100, 1.0), (4, 50, 1.0), (4, 25, 1.0),
+        (8, 50, 1.0),
+        (2, 50, 1.0, 0, 12), (2, 50, 1.0, 50, 12), (2, 50, 1.0, 100, 12),
+        (2, 25, 1.0, 50, 12), (4, 50, 1.0, 50, 12))
+"""(rungs per octave, patience, headroom[, shrink_every, background_steps])
+replayed by default (shrink_every 0: no reviews; background_steps 0: every
+compile waited for; 12: background compiles that take 12 steps, about a
+compile's 5.8 s over a step's 0.48 s in train.py's default job on 2 CPU
+cores)."""
 
 
 def parse_args(argv=None):
@@ -35,8 +42,9 @@ def parse_args(argv=None):
   p.add_argument("run_dir", help="a run's directory: metrics.jsonl and "
                                  "report.json with rank_control")
   p.add_argument("--grid", default=None,
-                 help="';'-separated per_octave,patience,headroom settings "
-                      "(default: a grid around train.py's defaults)")
+                 help="';'-separated per_octave,patience,headroom"
+                      "[,shrink_every,background_steps] settings (default: "
+                      "a grid around train.py's defaults)")
   p.add_argument("--out", default=None, help="also write the rows as JSON")
   return p.parse_args(argv)
 
@@ -46,8 +54,12 @@ def _settings(text):
     return GRID
   out = []
   for item in text.split(";"):
-    octave, patience, headroom = item.split(",")
-    out.append((int(octave), int(patience), float(headroom)))
+    fields = item.split(",")
+    if len(fields) not in (3, 5):
+      sys.exit(f"--grid: {item!r} is not per_octave,patience,headroom"
+               "[,shrink_every,background_steps]")
+    out.append((int(fields[0]), int(fields[1]), float(fields[2]),
+                *map(int, fields[3:])))
   return tuple(out)
 
 
@@ -65,33 +77,47 @@ def main(argv=None) -> list[dict]:
   initial = {k: tuple(v) for k, v in rc["initial_capacities"].items()}
   rows = []
 
-  def run(name, octave, patience, headroom, probe):
+  def run(name, octave, patience, headroom, probe, shrink_every=0,
+          background_steps=0):
     controller = lv.RankController(lv.RankLadder(per_octave=octave),
-                                   patience=patience, headroom=headroom)
-    r = rank_replay.replay(needs, shapes, initial, controller, probe=probe)
+                                   patience=patience, headroom=headroom,
+                                   shrink_every=shrink_every or None)
+    r = rank_replay.replay(needs, shapes, initial, controller, probe=probe,
+                           background_steps=background_steps)
     rows.append({"setting": name, "per_octave": octave,
                  "patience": patience, "headroom": headroom, "probe": probe,
+                 "shrink_every": shrink_every,
+                 "background_steps": background_steps,
                  "residual_over_optimal": r.residual_over_optimal,
-                 "compiles": r.compiles, "redone_calls": r.redone_calls})
+                 "compiles": r.compiles, "stalls": r.stalls,
+                 "background": r.background, "fallbacks": r.fallbacks,
+                 "redone_calls": r.redone_calls})
 
-  own = rc.get("controller", {"per_octave": 2, "patience": 100,
-                              "headroom": 1.0})
-  run("the run's own", own["per_octave"], own["patience"], own["headroom"],
-      True)
-  for octave, patience, headroom in _settings(args.grid):
-    for probe in (False, True):
-      run("replayed", octave, patience, headroom, probe)
+  own = {"per_octave": 2, "patience": 100, "headroom": 1.0,
+         "shrink_every": 0, **rc.get("controller", {})}
+  # A run's background compiles finish when they finish: its own row
+  # replays it with every compile waited for, which it equals only then.
+  run("the run's own" if not own.get("background_compile") else
+      "the run's own, compiles waited for", own["per_octave"],
+      own["patience"], own["headroom"], True, own["shrink_every"])
+  for setting in _settings(args.grid):
+    for probe in ((False, True) if len(setting) == 3 else (True,)):
+      run("replayed", *setting[:3], probe, *setting[3:])
   print(f"{args.run_dir}: {len(needs)} steps; the run's report: capacity / "
         f"eps-optimal {rc['residual_over_optimal']:.3f}, "
         f"{rc['compiles']} compiles, {rc['redone_steps']} redone steps")
-  print("| setting | rungs / octave | patience | headroom | first step | "
-        "capacity / ε-optimal | compiles | recomputed calls |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| setting | rungs / octave | patience | headroom | shrink every | "
+        "background compile (steps) | first step | capacity / ε-optimal | "
+        "compiles | calls that waited for one | calls at a larger setting | "
+        "recomputed calls |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['setting']} | {r['per_octave']} | {r['patience']} | "
-          f"{r['headroom']:g} | {'probe' if r['probe'] else 'applied'} | "
+          f"{r['headroom']:g} | {r['shrink_every'] or '-'} | "
+          f"{r['background_steps'] or '-'} | "
+          f"{'probe' if r['probe'] else 'applied'} | "
           f"{r['residual_over_optimal']:.3f} | {r['compiles']} | "
-          f"{r['redone_calls']} |")
+          f"{r['stalls']} | {r['fallbacks']} | {r['redone_calls']} |")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"run_dir": args.run_dir, "report": rc, "rows": rows}, f,

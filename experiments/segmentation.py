@@ -72,6 +72,15 @@ def parse_args(argv=None):
   p.add_argument("--rank-headroom", type=float, default=1.0,
                  help="HOSVD/SVD: grow a capacity to the rung holding "
                  "headroom × need")
+  p.add_argument("--rank-shrink-every", type=int, default=0,
+                 help="HOSVD/SVD: shrink capacities only every this many "
+                 "steps, all layers together (0: each when its patience "
+                 "runs out)")
+  p.add_argument("--rank-background-compile",
+                 action=argparse.BooleanOptionalAction, default=True,
+                 help="HOSVD/SVD: compile a new capacity setting in the "
+                 "background while steps run at a compiled one that holds as "
+                 "much")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--workdir", default="workdir_segmentation")
   p.add_argument("--seed", type=int, default=0)
@@ -95,8 +104,9 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
   state = training.initial_state(trained, tx)
   # HOSVD and SVD keep their ε-ranks in static capacities that a rank
   # controller moves (and recomputes a step that needed more), as train.py.
-  controller = training.make_controller(plan, patience=args.rank_patience,
-                                        headroom=args.rank_headroom)
+  controller = training.make_controller(
+      plan, patience=args.rank_patience, headroom=args.rank_headroom,
+      shrink_every=args.rank_shrink_every)
   step_fn = training.make_train_step(model, plan, tx, args.seed,
                                      args.image_size,
                                      redo_on_overflow=controller is not None)
@@ -115,12 +125,14 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
   for s in steps:
     images, labels = batch(s)
     state, metrics, dt, compile_s = training.timed_step(
-        programs, controller, state, frozen, images, labels)
+        programs, controller, state, frozen, images, labels,
+        background=args.rank_background_compile)
     loss = training.check_finite(float(metrics["loss"]), f"at step {s}")
     rows.append({"step": s + 1, "loss": loss,
                  "pixel_accuracy": float(metrics["accuracy"]),
                  "step_time_s": dt, "compile_time_s": compile_s,
                  **training.stats_row(metrics["stats"])})
+  programs.close(cancel=True)
   xla = programs.most_run()
   os.makedirs(args.workdir, exist_ok=True)
   training.write_metrics(os.path.join(args.workdir, f"{method}.jsonl"), rows)
@@ -146,6 +158,8 @@ def run_one(args, method, train_set, test_set, log=print) -> dict:
       "step_time_mean_s": float(times.mean()),
       "step_time_median_s": float(np.median(times)),
       "compile_time_s": programs.compile_time,
+      "compile_wait_s": programs.wait_s,
+      "fallback_steps": programs.fallbacks,
       "compiles": len(programs),
       "steps_below_eps": sum(r["overflow_layers"] > 0 for r in rows),
       "ranks": {p: rows[-1]["ranks"][p] for p in plan.compressed_paths},

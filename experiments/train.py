@@ -150,6 +150,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="steps before a capacity may shrink (hysteresis)")
   p.add_argument("--rank-headroom", type=float, default=D.rank_headroom,
                  help="grow a capacity to the rung holding headroom x need")
+  p.add_argument("--rank-shrink-every", type=int,
+                 default=D.rank_shrink_every,
+                 help="shrink capacities only every this many steps, all "
+                 "layers together (0: each when its patience runs out)")
+  p.add_argument("--rank-background-compile",
+                 action=argparse.BooleanOptionalAction,
+                 default=D.rank_background_compile,
+                 help="compile a new capacity setting in the background while "
+                 "steps run at a compiled one that holds as much (default); "
+                 "--no-rank-background-compile: wait for every compile")
   p.add_argument("--workdir", default=D.workdir)
   p.add_argument("--seed", type=int, default=D.seed)
   p.add_argument("--no-progress", action="store_true",

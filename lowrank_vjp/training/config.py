@@ -61,6 +61,14 @@ class TrainConfig:
       the capacities and recomputes overflowing steps) or ``"off"``.
     rank_patience: Steps before a capacity may shrink.
     rank_headroom: Grow a capacity to the rung holding headroom × need.
+    rank_shrink_every: Shrink capacities only at a review every this many
+      steps, all layers together (0: each mode when its patience runs out);
+      fewer settings, and each one known ahead.
+    rank_background_compile: Compile a new capacity setting in a
+      background thread while the steps run at a compiled one that holds
+      at least as much (:func:`~lowrank_vjp.training.run_step`), so that a
+      change does not stall training for a compile; False: every new
+      setting compiles before its step.
     workdir: Output directory.
     seed: Seed of initialisation, batches and dropout.
     no_progress: No progress bar.
@@ -104,6 +112,8 @@ class TrainConfig:
   rank_control: str = "redo"
   rank_patience: int = 50
   rank_headroom: float = 1.0
+  rank_shrink_every: int = 0
+  rank_background_compile: bool = True
   workdir: str = "workdir"
   seed: int = 0
   no_progress: bool = False

@@ -119,7 +119,8 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   metrics_lib.write_metrics(metrics_path, rows)  # drops rows past the ckpt
 
   controller = (make_controller(plan, patience=config.rank_patience,
-                                headroom=config.rank_headroom)
+                                headroom=config.rank_headroom,
+                                shrink_every=config.rank_shrink_every)
                 if config.rank_control == "redo" else None)
   if config.api == "nnx":
     train_step = nnx_job.make_train_step(
@@ -158,7 +159,8 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
     for step in range(start, stop):
       images, labels = batch(step)
       state, metrics, dt, compile_s = timed_step(
-          compiled, controller, state, frozen, images, labels)
+          compiled, controller, state, frozen, images, labels,
+          background=config.rank_background_compile)
       loss = metrics_lib.check_finite(float(metrics["loss"]),
                                       f"at step {step} [{label}]")
       row = {"step": step + 1, "loss": loss,
@@ -185,11 +187,13 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
     if ckpt.latest_step() != stop:
       ckpt.save(stop, state, controller=controller, force=True)
     ckpt.wait()
+    compiled.close(cancel=True)
     log(f"[{label}] interrupted at step {stop} (--interrupt-at)")
     return {"interrupted_at": stop}
   if ckpt.latest_step() != config.steps:
     ckpt.save(config.steps, state, controller=controller, force=True)
   ckpt.wait()
+  compiled.close(cancel=True)
 
   t2 = time.perf_counter()
   held = held_out(state)
@@ -223,9 +227,15 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
                                 for k, s in probe.items()}
     rc["controller"] = {"per_octave": controller.ladder.per_octave,
                         "patience": controller.patience,
-                        "headroom": controller.headroom}
+                        "headroom": controller.headroom,
+                        "shrink_every": controller.shrink_every or 0,
+                        "background_compile": config.rank_background_compile}
     log(f"[{label}] rank control: {rc['compiles']} compiles, "
-        f"{controller.redos} redone steps, residual "
+        f"{rc['prefetched']} in the background, steps waited "
+        f"{rc['compile_wait_s']:.1f} s for them and ran {rc['fallbacks']} "
+        f"times at a larger setting meanwhile, {controller.redos} redone "
+        f"steps, "
+        f"residual "
         f"{rc['residual_mib_mean']:.3f} MiB vs eps-optimal "
         f"{rc['eps_optimal_mib_mean']:.3f} MiB (mean over steps)")
   with open(os.path.join(workdir, "report.json"), "w") as f:

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 import lowrank_vjp as lv
+from lowrank_vjp._src.control import rank_controller
 from lowrank_vjp._src.tensor import tucker
 
 Capacity = tuple[int | None, ...]
@@ -35,16 +36,22 @@ class Replay:
   Attributes:
     residual_over_optimal: Mean bytes held at the accepted capacities over
       the mean bytes at the needed ranks (Tucker count, float32).
-    compiles: Distinct capacity settings called (the configured one
-      included): the programs a jitted step compiles.
+    compiles: Distinct capacity settings compiled (the configured one
+      included; those compiled ahead too): the programs a run compiles.
     redone_calls: Calls recomputed (the probe and every overflow).
     capacities: The accepted capacities, one ``{layer: capacity}`` per step.
+    stalls: Calls that found their setting not compiled and waited for it.
+    background: Settings compiled in the background, used or not.
+    fallbacks: Calls run at a larger ready setting while theirs compiled.
   """
 
   residual_over_optimal: float
   compiles: int
   redone_calls: int
   capacities: tuple[dict[str, Capacity], ...]
+  stalls: int = 0
+  background: int = 0
+  fallbacks: int = 0
 
 
 def _nbytes(shape, ranks) -> int:
@@ -68,7 +75,7 @@ def replay(needs: Sequence[Mapping[str, Sequence[int]]],
            shapes: Mapping[str, Sequence[int]],
            initial: Mapping[str, Capacity],
            controller: lv.RankController, max_tries: int = 8,
-           probe: bool = True) -> Replay:
+           probe: bool = True, background_steps: int = 0) -> Replay:
   """Runs ``controller`` over a run's per-step needed ranks.
 
   Args:
@@ -82,6 +89,12 @@ def replay(needs: Sequence[Mapping[str, Sequence[int]]],
     probe: The first call is a probe, redone at the fitted capacities (the
       step's protocol since it was introduced); False replays the earlier
       protocol, which applied the first update at the configured ones.
+    background_steps: 0: every new setting compiles before its call (as
+      ``run_step(..., background=False)``). Else ``run_step``'s background
+      compiles, each taken to finish after this many steps: meanwhile a
+      call runs at the ready setting that holds its capacities with the
+      fewest residual bytes (XLA's peak, which the run compares, is not
+      known here), or waits when none does.
 
   Returns:
     The :class:`Replay`.
@@ -97,17 +110,40 @@ def replay(needs: Sequence[Mapping[str, Sequence[int]]],
     r.residual_over_optimal, r.compiles
   """
   held, optimal, accepted = [], [], []
-  keys, redone = set(), 0
-  for need in needs:
+  ready: dict = {}                  # setting -> step from which it is ready
+  redone, stalls, fallbacks, ahead = 0, 0, 0, set()
+  nbytes = lambda caps: sum(_nbytes(shapes[n], c) for n, c in caps.items())
+  for step, need in enumerate(needs):
     key = controller.key()
     for _ in range(max_tries):
-      keys.add(key)
-      caps = dict(initial) if key is None else {k: tuple(v)
-                                               for k, v in key}
+      use = key
+      if ready.get(key, step + 1) > step:       # not ready at this step
+        if background_steps and key is not None:
+          if key not in ready:
+            ready[key] = step + background_steps
+            ahead.add(key)
+          fits = [k for k, r in ready.items() if k is not None and r <= step
+                  and rank_controller.key_holds(k, dict(key))]
+          if fits:
+            use = min(fits, key=lambda k: nbytes(dict(k)))
+            fallbacks += 1
+          else:
+            stalls += 1
+            ready[key] = step
+        else:
+          stalls += 1
+          ready[key] = step
+      caps = dict(initial) if use is None else {k: tuple(v) for k, v in use}
       stats = {name: _stats(shapes[name], need[name], caps[name])
                for name in need}
-      overflow = controller.observe(stats)
-      if not (overflow or (probe and key is None)):
+      controller.observe(stats)
+      overflow = any(bool(s.overflow) for s in stats.values())
+      if not (overflow or (probe and use is None)):
+        if background_steps:   # the setting a rung above, as run_step
+          guard = controller.larger()
+          if guard not in ready:
+            ready[guard] = step + background_steps
+            ahead.add(guard)
         break
       redone += 1
       key = controller.key()
@@ -115,7 +151,8 @@ def replay(needs: Sequence[Mapping[str, Sequence[int]]],
       raise RuntimeError(f"replay: a step still overflowed after "
                          f"{max_tries} calls")
     accepted.append(caps)
-    held.append(sum(_nbytes(shapes[n], caps[n]) for n in need))
+    held.append(nbytes(caps))
     optimal.append(sum(_nbytes(shapes[n], need[n]) for n in need))
   return Replay(float(np.mean(held) / max(np.mean(optimal), 1e-12)),
-                len(keys), redone, tuple(accepted))
+                len(ready), redone, tuple(accepted), stalls, len(ahead),
+                fallbacks)

@@ -171,14 +171,20 @@ def rank_control_report(controller: lv.RankController, programs,
     rows: The per-step metrics.
 
   Returns:
-    Compiles, capacity settings, redone steps, the residual held against
-    the ε-optimal one (MiB, mean over steps) and the final capacities.
+    Compiles, their seconds (in the background too) and the seconds steps
+    waited for them, the settings compiled in the background and the calls
+    run at a larger compiled setting while theirs compiled,
+    capacity settings, redone steps, the residual held against the
+    ε-optimal one (MiB, mean over steps) and the final capacities.
   """
   capacity = [r["activation_memory_capacity_mib"] for r in rows]
   optimal = [r["activation_memory_analytic_mib"] for r in rows]
   return {
       "compiles": len(programs),
       "compile_time_s": programs.compile_time,
+      "compile_wait_s": programs.wait_s,
+      "prefetched": len(programs.prefetched),
+      "fallbacks": programs.fallbacks,
       "capacity_settings": len(controller.history),
       "redone_steps": controller.redos,
       "residual_mib_mean": float(np.mean(capacity)),

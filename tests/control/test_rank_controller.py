@@ -67,6 +67,41 @@ def test_grows_at_once_and_shrinks_after_patience():
   assert len(ctl.history) == 3
 
 
+def test_shrinks_wait_for_a_review_and_happen_together():
+  """shrink_every: the shrinks of two layers whose streaks run out on
+  different steps land on one review step, one setting; growing is never
+  delayed."""
+  ctl = lv.RankController(patience=2, shrink_every=4)
+  observe = lambda need_a, need_b: ctl.observe(
+      {"a": _stats(need_a, ctl.capacities.get("a", (8, 12, 2, 2))),
+       "b": _stats(need_b, ctl.capacities.get("b", (8, 12, 2, 2)))})
+  assert not observe([7, 10, 2, 2], [7, 10, 2, 2])          # the probe
+  assert ctl.capacities == {"a": (8, 12, 2, 2), "b": (8, 12, 2, 2)}
+  assert ctl.steps == 0                 # the probe is not a step
+  assert not observe([3, 10, 2, 2], [7, 10, 2, 2])          # step 1
+  assert not observe([3, 10, 2, 2], [3, 10, 2, 2])          # step 2
+  assert not observe([3, 10, 2, 2], [3, 10, 2, 2])          # step 3
+  # a's streak reached patience (2) at step 2, b's at step 3: both wait.
+  assert ctl.capacities == {"a": (8, 12, 2, 2), "b": (8, 12, 2, 2)}
+  assert not observe([3, 10, 2, 2], [3, 10, 2, 2])          # step 4: review
+  assert ctl.capacities == {"a": (3, 12, 2, 2), "b": (3, 12, 2, 2)}
+  assert ctl.steps == 4 and len(ctl.history) == 2   # one setting for both
+  # A need above capacity still grows at once, between reviews; a step
+  # redone is not counted twice.
+  assert observe([5, 10, 2, 2], [3, 10, 2, 2])
+  assert ctl.capacities["a"] == (6, 12, 2, 2) and ctl.steps == 4
+  # The controller's whole state survives a checkpoint.
+  restored = lv.RankController(patience=2, shrink_every=4)
+  restored.load_state_dict(ctl.state_dict())
+  assert restored.steps == 4 and restored.key() == ctl.key()
+  for _ in range(4):                    # steps 5 to 8
+    for c in (ctl, restored):
+      c.observe({"a": _stats([1, 10, 2, 2], c.capacities["a"]),
+                 "b": _stats([1, 10, 2, 2], c.capacities["b"])})
+  assert restored.key() == ctl.key()
+  assert ctl.capacities["a"] == (1, 12, 2, 2)     # shrank at step 8
+
+
 def test_uncompressed_axes_stay_uncompressed():
   ctl = lv.RankController()
   ctl.observe({"s": _stats([5, 16, 8, 32], (8, None, None, None))})
@@ -164,6 +199,8 @@ def test_scope_overrides_capacity_by_layer_path():
     (dict(patience="50"), "patience"),
     (dict(patience=True), "patience"),
     (dict(patience=0), "patience"),
+    (dict(shrink_every=0), "shrink_every"),
+    (dict(shrink_every=2.0), "shrink_every"),
     (dict(ladder=2), "ladder")])
 def test_bad_settings_are_refused_when_made(kwargs, name):
   """nan/inf headroom failed later in observe(); 2.5 was truncated."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ import optax
 import pytest
 
 from lowrank_vjp import training
+from lowrank_vjp.training import loop
 
 CONFIG = training.TrainConfig(steps=3, lr=0.05, warmup_steps=1)
 
@@ -176,3 +180,85 @@ def test_fit_raises_on_a_non_finite_loss(tiny):
   with pytest.raises(FloatingPointError, match="non-finite"):
     training.fit(tiny.model, plan, tiny.variables, batches, CONFIG, seed=0,
                  image_size=None)
+
+
+class _Gated:
+  """A jitted step whose compile at ``blocked`` waits for ``gate``."""
+
+  def __init__(self, step, gate, blocked):
+    self.step, self.gate, self.blocked = step, gate, blocked
+
+  def lower(self, *args, capacities=None):
+    if capacities == self.blocked:
+      self.gate.wait(timeout=60)
+    return self.step.lower(*args, capacities=capacities)
+
+
+def _setting(c0, c1):
+  return (("a", (c0, None)), ("b", (c1, 2)))
+
+
+def test_a_new_setting_runs_at_a_held_larger_one_while_it_compiles():
+  """run_step(background=True)'s choice: a compiled setting that holds the
+  new one in every mode, never one whose peak exceeds what ran, and the
+  new setting itself (a wait) when none holds it."""
+
+  @functools.partial(jax.jit, static_argnames="capacities")
+  def step(x, capacities=None):
+    size = sum(c for _, cap in capacities for c in cap if c is not None)
+    return x * size, jnp.zeros(size * 4096)   # peak grows with capacity
+
+  big, huge = _setting(8, 4), _setting(64, 64)
+  small, wider = _setting(4, 2), _setting(4, 6)
+  gate = threading.Event()
+  programs = training.Programs(_Gated(step, gate, small), jnp.ones(3))
+  programs(big)
+  programs.count(big)                   # big ran a step; huge never does
+  programs.prefetch(huge)
+  programs.close()
+  assert programs.ready(huge)
+  try:
+    assert loop._without_waiting(programs, small) == big
+    assert not programs.ready(small)    # still compiling: nothing waited
+    assert loop._without_waiting(programs, wider) == wider   # none holds it
+    assert loop._without_waiting(programs, big) == big
+    assert loop._without_waiting(programs, None) is None
+  finally:
+    gate.set()
+  programs.close()
+  assert programs.ready(small) and programs.ready(wider)
+  assert loop._without_waiting(programs, small) == small
+
+
+def test_background_compiles_leave_the_training_unchanged(tiny):
+  """The same accepted updates whichever setting each step ran at: steps
+  whose new (shrunk) setting was still compiling ran at the larger one."""
+  plan = tiny.plan(training.method_settings("hosvd", eps=0.9))
+  trained, frozen = plan.split(tiny.variables)
+  tx = training.make_optimizer(CONFIG)
+  step = training.make_train_step(tiny.model, plan, tx, 0, None,
+                                  redo_on_overflow=True)
+  # The batch rank falls, then rises a little: shrinks, and a small grow.
+  rng = np.random.default_rng(0)
+  basis = rng.normal(size=(4,) + tiny.x.shape[1:]).astype(np.float32)
+  batch = lambda r: (np.einsum("br,r...->b...", rng.normal(
+      size=(len(tiny.labels), r)).astype(np.float32), basis[:r]),
+                     tiny.labels)
+  batches = [batch(r) for r in (4, 4, 2, 2, 1, 1, 2, 2)]
+  final = {}
+  for background in (False, True):
+    state = training.initial_state(jax.tree.map(jnp.copy, trained), tx)
+    controller = training.make_controller(plan, patience=1, headroom=1.0)
+    programs = training.Programs(step, state, frozen, *batches[0])
+    for x, labels in batches:
+      state, metrics = training.run_step(programs, controller, state, frozen,
+                                         x, labels, background=background)
+      assert not np.any(np.asarray(metrics["stats"]["conv2"].overflow))
+      programs.close()     # background compiles finish before the next step
+    final[background] = (state, programs)
+  assert final[False][1].fallbacks == 0 and not final[False][1].prefetched
+  assert final[True][1].fallbacks >= 1        # the shrinks ran larger
+  assert len(final[True][1].prefetched) > final[True][1].fallbacks
+  for a, b in zip(jax.tree.leaves(final[False][0]["params"]),
+                  jax.tree.leaves(final[True][0]["params"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

@@ -4,6 +4,7 @@ largest batch of the step that runs."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +57,51 @@ def test_programs_release_the_least_recently_used():
   for bad in (0, 1.5, True):
     with pytest.raises(ValueError, match="max_programs"):
       training.Programs(step, jnp.ones(3), max_programs=bad)
+
+
+def _blocking_step(gate):
+  """A step whose trace at ``capacities=2`` waits for ``gate``."""
+
+  @functools.partial(jax.jit, static_argnames="capacities")
+  def step(x, capacities=None):
+    if capacities == 2:
+      gate.wait()
+    if capacities == "bad":
+      raise ValueError("no such setting")
+    return x * (1.0 if capacities in (None, "bad") else float(capacities))
+
+  return step
+
+
+def test_prefetch_compiles_in_the_background_once():
+  gate = threading.Event()
+  programs = training.Programs(_blocking_step(gate), jnp.ones(3))
+  programs(None)
+  waited = programs.wait_s
+  programs.prefetch(2)                # its trace blocks until the gate opens
+  programs.prefetch(2)                # already compiling: ignored
+  programs.prefetch(None)             # already compiled: ignored
+  assert programs.prefetched == {2}
+  # A setting queued behind the blocked compile is compiled by its caller
+  # at once, not after the queue.
+  safety = threading.Timer(60, gate.set)
+  safety.start()
+  programs.prefetch(5)
+  np.testing.assert_array_equal(programs(5)(jnp.ones(3)), 5.0)
+  assert not gate.is_set() and programs.compiles == 2
+  gate.set()
+  safety.cancel()
+  np.testing.assert_array_equal(programs(2)(jnp.ones(3)), 2.0)  # waits
+  assert programs.compiles == 3 and len(programs) == 3   # each once
+  assert programs.wait_s > waited and programs.prefetch_used == {2, 5}
+  # A prefetch that finished in time costs the step nothing.
+  programs.prefetch(3)
+  programs.close()
+  waited = programs.wait_s
+  np.testing.assert_array_equal(programs(3)(jnp.ones(3)), 3.0)
+  assert programs.wait_s == waited and programs.compiles == 4
+  # A failed background compile surfaces when its setting is called.
+  programs.prefetch("bad")
+  programs.close()
+  with pytest.raises(ValueError, match="no such setting"):
+    programs("bad")

@@ -6,7 +6,9 @@ layer needed (their :class:`CompressionStats`), and moves each layer's
 capacity on a coarse :class:`RankLadder` — up at once when ε needed more
 (that step is reported for a redo), down only after the need has stayed a
 rung lower for ``patience`` steps. Few distinct capacity settings means few
-compiles; a revisited setting hits jit's cache.
+compiles; a revisited setting hits jit's cache. With ``shrink_every``, shrinks
+wait for a review every that many accepted steps and happen together, so a
+run compiles one setting per review rather than one per layer.
 
 Capacities reach the layers through :func:`rank_capacities`, a scope read at
 trace time by the Flax modules (by module path). Pass the controller's
@@ -88,6 +90,27 @@ class RankLadder:
     return int(bound)
 
 
+def key_holds(setting: CapacityKey, want: Mapping[str, Capacity]) -> bool:
+  """Whether capacity ``setting`` holds at least ``want`` in every mode.
+
+  A step run at such a setting keeps the same ε-ranks as at ``want``
+  wherever ``want`` holds the need, so it computes the same update.
+
+  Args:
+    setting: A :meth:`RankController.key`.
+    want: ``{layer: capacity}`` (a key's ``dict``).
+  """
+  have = dict(setting)
+  for layer, capacity in want.items():
+    other = have.get(layer)
+    if other is None or len(other) != len(capacity):
+      return False
+    for c, o in zip(capacity, other):
+      if (c is None) != (o is None) or (c is not None and o < c):
+        return False
+  return True
+
+
 @dataclasses.dataclass
 class _LayerState:
   capacity: Capacity
@@ -104,16 +127,23 @@ class RankController:
       the capacity shrinks (hysteresis).
     headroom: Grow to the rung holding ``ceil(headroom × need)``; ``> 1``
       anticipates drift and saves recompiles.
+    shrink_every: None (the default): each mode shrinks on the step its own
+      streak reaches ``patience``. An int: shrinks happen only on every
+      ``shrink_every``-th accepted step (a review), all modes whose streak
+      has reached ``patience`` together. Growing is never delayed.
 
   Attributes:
     capacities: Current capacity per layer name.
     history: One ``{layer: capacity}`` per distinct setting used, in order;
       ``len(history)`` is the number of compiles a jitted step needs.
     redos: Steps that overflowed and were reported for a redo.
+    steps: Observations that kept ε on every layer, the first one (the
+      probe that fits the capacities) not counted: the clock of the
+      ``shrink_every`` reviews.
   """
 
   def __init__(self, ladder: RankLadder | None = None, patience: int = 50,
-               headroom: float = 1.0):
+               headroom: float = 1.0, shrink_every: int | None = None):
     if (isinstance(patience, bool) or not isinstance(patience, numbers.Integral)
         or patience < 1):
       raise ValueError(f"RankController: patience must be an int >= 1 (steps),"
@@ -122,13 +152,21 @@ class RankController:
         or not math.isfinite(float(headroom)) or headroom < 1.0):
       raise ValueError(f"RankController: headroom must be a finite number >= "
                        f"1, got {headroom!r}.")
+    if shrink_every is not None and (
+        isinstance(shrink_every, bool)
+        or not isinstance(shrink_every, numbers.Integral) or shrink_every < 1):
+      raise ValueError(f"RankController: shrink_every must be None or an int "
+                       f">= 1 (steps), got {shrink_every!r}.")
     if ladder is not None and not isinstance(ladder, RankLadder):
       raise ValueError(f"RankController: ladder must be a RankLadder, got "
                        f"{ladder!r}.")
     self.ladder = ladder or RankLadder()
     self.patience = int(patience)
     self.headroom = float(headroom)
+    self.shrink_every = None if shrink_every is None else int(shrink_every)
+    self.steps = 0   # accepted steps observed, the first (probe) not
     self._layers: dict[str, _LayerState] = {}
+    self._shapes: dict[str, tuple[int, ...]] = {}
     self.history: list[dict[str, Capacity]] = []
     self.redos = 0
     self._seen: set[CapacityKey] = set()
@@ -160,8 +198,12 @@ class RankController:
       kept less than ε): its capacity has been raised, and the step should be
       recomputed with :meth:`key` before its update is applied.
     """
+    probe = not self._layers   # fits the capacities; not a training step
     overflow = False
+    review = (self.shrink_every is None
+              or (self.steps + 1) % self.shrink_every == 0)
     for name, s in stats.items():
+      self._shapes[name] = tuple(s.shape)
       needed = np.asarray(jax.device_get(s.needed_ranks)).reshape(
           -1, len(s.shape)).max(axis=0)
       kept = np.asarray(jax.device_get(s.kept_ranks)).reshape(
@@ -187,18 +229,49 @@ class RankController:
         elif self.ladder.fit(need, bound) < c:
           layer.below[a] += 1
           layer.window_max[a] = max(layer.window_max[a], need)
-          if layer.below[a] >= self.patience:
-            cap[a] = self._grow_to(layer.window_max[a], s.shape, a)
-            layer.below[a], layer.window_max[a] = 0, 0
         else:
           layer.below[a], layer.window_max[a] = 0, 0
       layer.capacity = tuple(cap)
+    # A review waits for an accepted step; without reviews a streak that
+    # reached patience shrinks at once, as it always did.
+    if review and (self.shrink_every is None or not overflow):
+      self._shrink()
     key = self.key()
     if key not in self._seen:
       self._seen.add(key)
       self.history.append(dict(key))
     self.redos += int(overflow)
+    self.steps += int(not (overflow or probe))
     return overflow
+
+  def larger(self) -> CapacityKey | None:
+    """The current setting with every capacity one rung up (capped at its
+    axis's rank bound); None before any step.
+
+    A step whose need grew by up to a rung in any set of modes fits it, so
+    a loop that keeps it compiled (``run_step(..., background=True)``) can
+    run such a step at once while the exact setting compiles.
+    """
+    if not self._layers:
+      return None
+    out = []
+    for name, layer in self._layers.items():
+      shape = self._shapes[name]
+      out.append((name, tuple(
+          None if c is None else self.ladder.fit(
+              min(c + 1, capacity_lib.rank_bound(shape, a)),
+              capacity_lib.rank_bound(shape, a))
+          for a, c in enumerate(layer.capacity))))
+    return tuple(sorted(out))
+
+  def _shrink(self) -> None:
+    for name, layer in self._layers.items():
+      cap = list(layer.capacity)
+      for a, c in enumerate(cap):
+        if c is not None and layer.below[a] >= self.patience:
+          cap[a] = self._grow_to(layer.window_max[a], self._shapes[name], a)
+          layer.below[a], layer.window_max[a] = 0, 0
+      layer.capacity = tuple(cap)
 
   def state_dict(self) -> dict:
     """Everything the controller has learned, as JSON-compatible data.
@@ -213,6 +286,8 @@ class RankController:
                    for k, v in self._layers.items()},
         "history": [{k: list(c) for k, c in h.items()} for h in self.history],
         "redos": self.redos,
+        "steps": self.steps,
+        "shapes": {k: list(v) for k, v in self._shapes.items()},
     }
 
   def load_state_dict(self, state: dict) -> None:
@@ -225,6 +300,9 @@ class RankController:
                     for h in state["history"]]
     self._seen = {tuple(sorted(h.items())) for h in self.history}
     self.redos = int(state["redos"])
+    # Older checkpoints lack the two: their runs shrank without reviews.
+    self.steps = int(state.get("steps", 0))
+    self._shapes = {k: tuple(v) for k, v in state.get("shapes", {}).items()}
 
   def _grow_to(self, need: int, shape, axis) -> int:
     bound = capacity_lib.rank_bound(shape, axis)
