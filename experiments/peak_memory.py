@@ -8,6 +8,7 @@ estimated peak of each method's compiled training step
 Usage:
   python experiments/peak_memory.py                 # the published setting
   python experiments/peak_memory.py --quick         # a smoke run (tests)
+  python experiments/peak_memory.py --resume        # finish a stopped run
   python experiments/peak_memory.py --no-cnn --ks "" --bn-ks all \
       --max-batch-models resnet18 --out docs/benchmarks/train_bn
                                     # BatchNorm in training mode
@@ -56,6 +57,10 @@ def parse(argv=None):
   p.add_argument("--out", default=DOCS)
   p.add_argument("--quick", action="store_true",
                  help="tiny sizes, two methods (a smoke run)")
+  p.add_argument("--resume", action="store_true",
+                 help="keep the tables of --out's peak_memory.json and "
+                 "measure only those it lacks (a run that stopped part-way); "
+                 "the page names both commands")
   return p.parse_args(argv)
 
 
@@ -70,16 +75,28 @@ def main(argv=None) -> dict:
   names = [m.strip() for m in args.methods.split(",") if m.strip()]
   cnn = pm.Setting("cnn", "all", args.cnn_size)
   cnn_names = names + [pm.REMAT]
-  result = {"environment": report_lib.environment(),
-            "command": ("python experiments/peak_memory.py " + shlex.join(
-                argv if argv is not None else sys.argv[1:])).strip(),
+  command = ("python experiments/peak_memory.py " + shlex.join(
+      argv if argv is not None else sys.argv[1:])).strip()
+  result = {"environment": report_lib.environment(), "command": command,
             "peaks": [], "max_batch": []}
+  earlier_s = 0.0
+  path = os.path.join(args.out, "peak_memory.json")
+  if args.resume and os.path.exists(path):
+    with open(path) as f:
+      result = json.load(f)
+    earlier_s = result.get("wall_s", 0.0)
+    result.setdefault("resumed", []).append(
+        {"command": command, "environment": report_lib.environment()})
 
   def log(msg):
     print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
+  def done(kind, label, **match):
+    return next((t for t in result[kind] if t["setting"] == label and all(
+        t.get(k) == v for k, v in match.items())), None)
+
   def save(partial=True):
-    result["wall_s"] = time.perf_counter() - t0
+    result["wall_s"] = earlier_s + time.perf_counter() - t0
     result["partial"] = partial
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "peak_memory.json"), "w") as f:
@@ -97,7 +114,7 @@ def main(argv=None) -> dict:
       for m in models
       for ks, bn in ((args.ks, False), (args.bn_ks, True))
       for k in ks.split(",") if k]
-  if not args.no_cnn:
+  if not args.no_cnn and "curve" not in result:
     batches = [int(b) for b in args.curve_batches.split(",")]
     result["curve"] = {"setting": cnn.label(), "batches": batches,
                        "peak_bytes": {n: {str(b): pm.peak_bytes(cnn, n, b)
@@ -107,13 +124,17 @@ def main(argv=None) -> dict:
     pm.plot(result["curve"], os.path.join(args.out, "peak_vs_batch.png"))
     log("peak against batch: done")
   for setting, these, batch, budget in settings:
-    peaks = {n: pm.peak_bytes(setting, n, batch) for n in these}
-    log(f"{setting.label()} batch {batch}: " + ", ".join(
-        f"{n} {p / pm.MiB:.0f}" for n, p in peaks.items()))
-    result["peaks"].append({"setting": setting.label(), "batch": batch,
-                            "peak_bytes": peaks})
-    save()
+    if done("peaks", setting.label(), batch=batch) is None:
+      peaks = {n: pm.peak_bytes(setting, n, batch) for n in these}
+      log(f"{setting.label()} batch {batch}: " + ", ".join(
+          f"{n} {p / pm.MiB:.0f}" for n, p in peaks.items()))
+      result["peaks"].append({"setting": setting.label(), "batch": batch,
+                              "peak_bytes": peaks})
+      save()
     if setting.model != "cnn" and setting.model not in searched:
+      continue
+    if done("max_batch", setting.label(),
+            budget_bytes=int(budget * pm.MiB)) is not None:
       continue
     found = pm.max_batches(setting, these, int(budget * pm.MiB),
                            start=max(1, batch // 4),
