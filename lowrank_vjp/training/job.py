@@ -155,45 +155,46 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
   bar = _progress(config, start, label)
   stop = (config.steps if config.interrupt_at is None
           else min(config.steps, config.interrupt_at))
-  with metrics_lib.MetricsWriter(metrics_path) as writer:
-    for step in range(start, stop):
-      images, labels = batch(step)
-      state, metrics, dt, compile_s = timed_step(
-          compiled, controller, state, frozen, images, labels,
-          background=config.rank_background_compile)
-      loss = metrics_lib.check_finite(float(metrics["loss"]),
-                                      f"at step {step} [{label}]")
-      row = {"step": step + 1, "loss": loss,
-             "train_accuracy": float(metrics["accuracy"]),
-             "step_time_s": dt, "compile_time_s": compile_s,
-             **metrics_lib.stats_row(metrics["stats"])}
-      if "loss_scale" in metrics:  # float16: the scale and skipped steps
-        row["loss_scale"] = float(metrics["loss_scale"])
-        row["skipped"] = bool(metrics["skipped"])
-      if (config.eval_every > 0 and (step + 1) % config.eval_every == 0
-          and step + 1 < config.steps):
-        m = held_out(state)
-        row["val_loss"], row["val_accuracy"] = m["loss"], m["accuracy"]
-      rows.append(row)
-      writer.write(row)
-      ckpt.save(step + 1, state, controller=controller)
-      if bar is not None:
-        mem = row["activation_memory_analytic_mib"]
-        bar.set_postfix(loss=f"{loss:.3f}", mem=f"{mem:.2f}MiB")
-        bar.update(1)
+  try:
+    with metrics_lib.MetricsWriter(metrics_path) as writer:
+      for step in range(start, stop):
+        images, labels = batch(step)
+        state, metrics, dt, compile_s = timed_step(
+            compiled, controller, state, frozen, images, labels,
+            background=config.rank_background_compile)
+        loss = metrics_lib.check_finite(float(metrics["loss"]),
+                                        f"at step {step} [{label}]")
+        row = {"step": step + 1, "loss": loss,
+               "train_accuracy": float(metrics["accuracy"]),
+               "step_time_s": dt, "compile_time_s": compile_s,
+               **metrics_lib.stats_row(metrics["stats"])}
+        if "loss_scale" in metrics:  # float16: the scale and skipped steps
+          row["loss_scale"] = float(metrics["loss_scale"])
+          row["skipped"] = bool(metrics["skipped"])
+        if (config.eval_every > 0 and (step + 1) % config.eval_every == 0
+            and step + 1 < config.steps):
+          m = held_out(state)
+          row["val_loss"], row["val_accuracy"] = m["loss"], m["accuracy"]
+        rows.append(row)
+        writer.write(row)
+        ckpt.save(step + 1, state, controller=controller)
+        if bar is not None:
+          mem = row["activation_memory_analytic_mib"]
+          bar.set_postfix(loss=f"{loss:.3f}", mem=f"{mem:.2f}MiB")
+          bar.update(1)
+  finally:   # no compile left running behind a finished (or failed) run
+    compiled.close(cancel=True)
   if bar is not None:
     bar.close()
   if stop < config.steps:
     if ckpt.latest_step() != stop:
       ckpt.save(stop, state, controller=controller, force=True)
     ckpt.wait()
-    compiled.close(cancel=True)
     log(f"[{label}] interrupted at step {stop} (--interrupt-at)")
     return {"interrupted_at": stop}
   if ckpt.latest_step() != config.steps:
     ckpt.save(config.steps, state, controller=controller, force=True)
   ckpt.wait()
-  compiled.close(cancel=True)
 
   t2 = time.perf_counter()
   held = held_out(state)
@@ -234,9 +235,7 @@ def train_one(config: TrainConfig, method: str, splits: Mapping[str, Split],
         f"{rc['prefetched']} in the background, steps waited "
         f"{rc['compile_wait_s']:.1f} s for them and ran {rc['fallbacks']} "
         f"times at a larger setting meanwhile, {controller.redos} redone "
-        f"steps, "
-        f"residual "
-        f"{rc['residual_mib_mean']:.3f} MiB vs eps-optimal "
+        f"steps, residual {rc['residual_mib_mean']:.3f} MiB vs eps-optimal "
         f"{rc['eps_optimal_mib_mean']:.3f} MiB (mean over steps)")
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)

@@ -113,24 +113,26 @@ def replay(needs: Sequence[Mapping[str, Sequence[int]]],
   ready: dict = {}                  # setting -> step from which it is ready
   redone, stalls, fallbacks, ahead = 0, 0, 0, set()
   nbytes = lambda caps: sum(_nbytes(shapes[n], c) for n, c in caps.items())
+
+  def start(setting, step):    # a background compile, unless already known
+    if setting not in ready:
+      ready[setting] = step + background_steps
+      ahead.add(setting)
+
   for step, need in enumerate(needs):
     key = controller.key()
     for _ in range(max_tries):
       use = key
       if ready.get(key, step + 1) > step:       # not ready at this step
+        fits = []
         if background_steps and key is not None:
-          if key not in ready:
-            ready[key] = step + background_steps
-            ahead.add(key)
+          start(key, step)
           fits = [k for k, r in ready.items() if k is not None and r <= step
                   and rank_controller.key_holds(k, dict(key))]
-          if fits:
-            use = min(fits, key=lambda k: nbytes(dict(k)))
-            fallbacks += 1
-          else:
-            stalls += 1
-            ready[key] = step
-        else:
+        if fits:
+          use = min(fits, key=lambda k: nbytes(dict(k)))
+          fallbacks += 1
+        else:                                   # wait for it
           stalls += 1
           ready[key] = step
       caps = dict(initial) if use is None else {k: tuple(v) for k, v in use}
@@ -140,10 +142,7 @@ def replay(needs: Sequence[Mapping[str, Sequence[int]]],
       overflow = any(bool(s.overflow) for s in stats.values())
       if not (overflow or (probe and use is None)):
         if background_steps:   # the setting a rung above, as run_step
-          guard = controller.larger()
-          if guard not in ready:
-            ready[guard] = step + background_steps
-            ahead.add(guard)
+          start(controller.larger(), step)
         break
       redone += 1
       key = controller.key()
