@@ -244,7 +244,8 @@ def page(result: dict) -> str:
   """docs/benchmarks/peak_memory.md from a result of experiments/peak_memory.py.
 
   Every figure and every ratio is computed from ``result``; nothing is
-  written in advance.
+  written in advance. A table's ``"note"`` (for example, that it was kept
+  from a run on older code) is printed under it.
   """
   e = result["environment"]
   lines = [
@@ -278,6 +279,8 @@ def page(result: dict) -> str:
   for table in result["peaks"]:
     lines += [f"## Peak at batch {table['batch']}: {table['setting']}", ""]
     lines += peak_rows(table["peak_bytes"], "method") + [""]
+    if table.get("note"):
+      lines += ["**" + table["note"] + "**", ""]
   for table in result["max_batch"]:
     budget = table["budget_bytes"] / MiB
     lines += [f"## Largest batch under {budget:.0f} MiB: {table['setting']}",
@@ -287,6 +290,8 @@ def page(result: dict) -> str:
       lines += ["", f"Bisection stopped within {tol:.0%} of the largest "
                 "fitting batch (`max_batch(..., tolerance=...)`): each batch "
                 "fits; a slightly larger one may too."]
+    if table.get("note"):
+      lines += ["", "**" + table["note"] + "**"]
     lines.append("")
   if result.get("curve"):
     curve = result["curve"]
