@@ -75,6 +75,16 @@ def test_the_page_is_computed_from_the_result(partial):
   assert "no GPU was available" in text
 
 
+def test_a_tables_note_is_printed_under_that_table_only():
+  result = _result()
+  result["max_batch"][0]["note"] = "Kept from older code."
+  text = pm.page(result)
+  assert text.count("**Kept from older code.**") == 1
+  below = text.split("## Largest batch under 512 MiB")[1]
+  assert "**Kept from older code.**" in below.split("## Peak against")[0]
+  assert "Kept from" not in text.split("## Largest batch")[0]
+
+
 def test_trained_batchnorms_keep_codes_under_a_compressing_method(
     monkeypatch):
   setting = pm.Setting("resnet18", "all", 32, train_bn=True)

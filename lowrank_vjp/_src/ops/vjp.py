@@ -8,14 +8,19 @@ default) and ``weight_grad`` (the op's transpose at the decompressed input by
 default, or a fast path). The op owns the maths of the contraction, the
 method owns what is saved; neither knows the other's type.
 
-Two orders are pinned (:mod:`lowrank_vjp._src.schedule`), as both can only
-lower the peak: the forward pass computes the residual before the op's
-output (the compression's transients are freed before the output exists),
-and the backward pass computes the weight gradient before the input
-gradient (the cotangent dies at the transposed op instead of being kept
-beside the input gradient). On a 9-block ResNet-style CNN trained whole at
-batch 64 they took the HOSVD step's estimated peak from 172.2 to 154.6 MiB
-(vanilla: 489.9).
+Two orders are pinned (:mod:`lowrank_vjp._src.schedule`): the forward pass
+computes the residual before the op's output (the compression's transients
+are freed before the output exists), and the backward pass computes the
+weight gradient before the input gradient (the cotangent dies at the
+transposed op instead of being kept beside the input gradient). On a
+9-block ResNet-style CNN trained whole at batch 64 they took the HOSVD
+step's estimated peak from 172.2 to 154.6 MiB (vanilla: 489.9) and lowered
+every other compressing method's. Not every program gains: gradient
+filtering's step rose on MobileNetV2 trained whole (214.4 → 223.9 MiB), and
+a GPT-style step with HOSVD dense layers beside ``jax.nn.gelu`` and plain
+attention (which keep full-size inputs of their own) peaks 5.0 MiB higher
+with the forward order (247.7 → 252.7 MiB); with the library's own GELU,
+attention and LayerNorm it peaks lower (docs/memory.md).
 
 Higher-order differentiation is refused: the residual is computed from
 ``lhs`` without derivatives, so differentiating the backward pass in ``lhs``
