@@ -244,8 +244,8 @@ def page(result: dict) -> str:
   """docs/benchmarks/peak_memory.md from a result of experiments/peak_memory.py.
 
   Every figure and every ratio is computed from ``result``; nothing is
-  written in advance. A table's ``"note"`` (for example, that it was kept
-  from a run on older code) is printed under it.
+  written in advance. A largest-batch table's ``"note"`` (for example,
+  that it was kept from a run on older code) is printed under it.
   """
   e = result["environment"]
   lines = [
@@ -279,8 +279,6 @@ def page(result: dict) -> str:
   for table in result["peaks"]:
     lines += [f"## Peak at batch {table['batch']}: {table['setting']}", ""]
     lines += peak_rows(table["peak_bytes"], "method") + [""]
-    if table.get("note"):
-      lines += ["**" + table["note"] + "**", ""]
   for table in result["max_batch"]:
     budget = table["budget_bytes"] / MiB
     lines += [f"## Largest batch under {budget:.0f} MiB: {table['setting']}",
