@@ -21,6 +21,7 @@ from conv_cases import (
   GRID_BY_NAME,
   METHODS,
   TOL,
+  Case,
   cotangent,
   forward_and_vjp,
   rel_err,
@@ -255,3 +256,57 @@ def test_batch_rank_slabs_sum_to_the_whole(monkeypatch):
     (7, 100, 10, 7), (64, 100, 10, 16)])
 def test_batch_rank_slab_count(rank, per_rank, out, want):
   assert conv_tucker.batch_rank_slabs(rank, per_rank, out) == want
+
+
+# One-pixel outputs in layouts whose input and output order batch and space
+# differently: the weight gradient's convolution then has a single tap, and
+# XLA:CPU computed it transposed inside the slab loop (found by the fuzz of
+# test_ops_conv.py: SVD at ε = 1, two entries of dW swapped). The CWN and
+# CHWN cases failed on the code before canonical_weight_grad; the other two
+# did not, and are kept as layouts the loop must also get right.
+ONE_PIXEL_CASES = [
+    Case("1d_cwn_stride2", 2, 2, 1, (2,), (2,), ("CWN", "WIO", "NCW"),
+         dict(window_strides=(2,), padding="SAME")),
+    Case("1d_wnc_valid", 3, 2, 3, (3,), (3,), ("WNC", "IWO", "NCW"),
+         dict(window_strides=(1,), padding="VALID")),
+    Case("2d_chwn_stride2", 3, 3, 2, (2, 2), (2, 2), ("CHWN", "HWIO", "WNCH"),
+         dict(window_strides=(2, 2), padding="VALID")),
+    Case("2d_nhwc_iowh", 2, 3, 4, (3, 3), (3, 3), ("HNWC", "IOHW", "WNHC"),
+         dict(window_strides=(1, 1), padding="VALID")),
+]
+
+
+@pytest.mark.parametrize("case", ONE_PIXEL_CASES, ids=str)
+@pytest.mark.parametrize("method", ["svd", "hosvd"])
+def test_slab_loop_weight_grad_of_one_pixel_outputs(case, method, monkeypatch):
+  x, w = case.operands("float32", seed=3)
+  spec, g = _spec_and_cotangent(case, x, w)
+  assert all(spec.out_shape()[a] == 1
+             for a in spec.dimension_numbers.out_spec[2:])
+  m = lv.methods.resolve(method, eps=1.0)
+  res, _ = hosvd.tucker_compress(x, m.capacity(x.shape, spec.batch_axis),
+                                 1.0, method)
+  monkeypatch.setattr(conv_tucker, "_SLAB_FRACTION", 1 << 30)  # many slabs
+  assert conv_tucker.batch_rank_slabs(
+      res.core.shape[spec.batch_axis], 1, 1) > 1
+  got = jax.jit(lambda r, g: conv_tucker.weight_grad_conv(spec, r, g))(res, g)
+  assert rel_err(got, spec.weight_grad(x, g)) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("case", ONE_PIXEL_CASES, ids=str)
+def test_canonical_weight_grad_matches_the_spec_in_a_loop(case):
+  """In a loop body, the canonical layout's gradient is the entry's one."""
+  x, w = case.operands("float32", seed=3)
+  spec, g = _spec_and_cotangent(case, x, w)
+  want = spec.weight_grad(x, g)
+  spec_c, *_ = conv_tucker.canonical_layout(spec)
+  assert spec_c.out_shape() == tuple(
+      spec.out_shape()[a] for a in conv_tucker.canonical_layout(spec)[2])
+
+  def in_loop(fn):
+    body = lambda dw, _: (dw + fn(x, g), None)
+    return jax.jit(lambda: jax.lax.scan(body, jnp.zeros_like(want), None,
+                                        length=1)[0])()
+
+  got = in_loop(lambda x, g: conv_tucker.canonical_weight_grad(spec, x, g))
+  assert rel_err(got, want) <= TOL["float32"]

@@ -126,7 +126,7 @@ def weight_grad_conv(spec, res: TuckerResidual,
   def contract(u_s):
     return g if u_s is None else _contract_batch(spec, u_s, g_view, g.shape)
 
-  def slab_grad(core_s, g_s):
+  def slab_grad(core_s, g_s, in_loop=False):
     lhs = TuckerResidual(core_s, expand).reconstruct(dtype=spec.lhs_dtype)
     # Inside shard_map the rank-space gradient is per device (each device
     # has its own factors): transposed at the input's varying type, so that
@@ -134,6 +134,8 @@ def weight_grad_conv(spec, res: TuckerResidual,
     reduced = dataclasses.replace(
         spec, lhs_shape=tuple(lhs.shape), rhs_shape=tuple(rhs_shape),
         rhs_manual=spec.lhs_manual if keep_channel_rank else spec.rhs_manual)
+    if in_loop:
+      return canonical_weight_grad(reduced, lhs, g_s)
     return reduced.weight_grad(lhs, g_s)
 
   # The core is rebuilt in the backward pass only, pinned after a
@@ -171,7 +173,8 @@ def weight_grad_conv(spec, res: TuckerResidual,
       # The slab's core is sliced where it is used: no transposed copy of
       # the whole core.
       core_s = jax.lax.dynamic_slice_in_dim(core, i * k, k, axis=batch)
-      return dw + slab_grad(core_s, contract(u_s)).astype(acc), None
+      return dw + slab_grad(core_s, contract(u_s), in_loop=True).astype(
+          acc), None
 
     dw, _ = jax.lax.scan(add_slab, zeros, (jnp.arange(slabs), us))
   if not keep_channel_rank:
@@ -179,6 +182,54 @@ def weight_grad_conv(spec, res: TuckerResidual,
   dw = jnp.tensordot(dw.astype(u_c.dtype), u_c, axes=([in_axis], [1]),
                      precision=spec.precision)
   return jnp.moveaxis(dw, -1, in_axis).astype(spec.rhs_dtype)
+
+
+def canonical_layout(spec):
+  """``spec`` in the N…C / …IO / N…C layout, and the permutations to it.
+
+  Returns:
+    ``(canonical spec, lhs permutation, out permutation, rhs permutation)``:
+    ``jnp.transpose(lhs, lhs_perm)`` (and ``out_perm`` for the output, its
+    gradient) is an operand of the canonical spec, whose weight gradient
+    ``jnp.transpose``'d by ``argsort(rhs_perm)`` is ``spec``'s.
+  """
+  dn = spec.dimension_numbers
+  n = len(spec.lhs_shape)
+  lhs_perm = (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],)
+  out_perm = (dn.out_spec[0],) + tuple(dn.out_spec[2:]) + (dn.out_spec[1],)
+  rhs_perm = tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0])
+  canonical = jax.lax.ConvDimensionNumbers(
+      lhs_spec=(0, n - 1) + tuple(range(1, n - 1)),
+      rhs_spec=(n - 1, n - 2) + tuple(range(n - 2)),
+      out_spec=(0, n - 1) + tuple(range(1, n - 1)))
+  spec_c = dataclasses.replace(
+      spec, lhs_shape=tuple(spec.lhs_shape[a] for a in lhs_perm),
+      rhs_shape=tuple(spec.rhs_shape[a] for a in rhs_perm),
+      dimension_numbers=canonical)
+  return spec_c, lhs_perm, out_perm, rhs_perm
+
+
+def canonical_weight_grad(spec, lhs: jax.Array, g: jax.Array) -> jax.Array:
+  """``spec.weight_grad(lhs, g)``, computed in :func:`canonical_layout`.
+
+  For a loop body. XLA:CPU (jaxlib 0.10.2) miscomputes a convolution whose
+  kernel has a single tap, which it rewrites into a matrix product, inside
+  a loop or conditional body (not in the entry computation) when its input
+  and output order their batch and spatial axes differently: the result
+  comes back with those axes transposed. The weight gradient of a
+  convolution with a one-pixel output is such a convolution (its "kernel"
+  is ``g``); with ``("CWN", "WIO", "NCW")`` the slab loop of
+  :func:`weight_grad_conv` returned a weight gradient with two entries
+  swapped. In the N…C / …IO layout XLA computes it right (tests in
+  tests/ops/test_ops_conv_tucker.py); for NHWC / HWIO the transposes are
+  the identity.
+  """
+  spec_c, lhs_perm, out_perm, rhs_perm = canonical_layout(spec)
+  if spec_c.dimension_numbers == spec.dimension_numbers:
+    return spec.weight_grad(lhs, g)
+  dw = spec_c.weight_grad(jnp.transpose(lhs, lhs_perm),
+                          jnp.transpose(g, out_perm))
+  return jnp.transpose(dw, np.argsort(rhs_perm))
 
 
 _SLAB_FRACTION = 8
