@@ -28,14 +28,25 @@ Usage:
   python experiments/bench_speed.py [--batch 64] [--repeats 10] [--json F]
   python experiments/bench_speed.py --only step --step-batch 4 \
       --step-size 64 --repeats 1            # a quick check
+  python experiments/bench_speed.py --only layers --contend 2 \
+      [--lapack-threads openblas]           # a second job on the cores
+
+``--contend N`` runs N spinning processes beside the timing; with
+``--lapack-threads openblas`` the decompositions' LAPACK keeps OpenBLAS's
+own thread count instead of the library's one thread
+(``lv.set_cpu_lapack_threads``). Run it without ``OPENBLAS_NUM_THREADS``
+in the environment, or that setting wins.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -217,6 +228,19 @@ def bench_step(args) -> dict:
               trained=list(plan.trainable), rows=rows)
 
 
+@contextlib.contextmanager
+def busy_processes(n: int):
+  """``n`` processes that spin on the CPU while the block runs."""
+  procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+           for _ in range(n)]
+  try:
+    yield
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", choices=("layers", "step"), default=None,
@@ -235,18 +259,31 @@ def main(argv=None) -> dict:
                       help="step: classifier size")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--contend", type=int, default=0,
+                      help="busy processes started beside the timing (a "
+                           "second job on the cores)")
+  parser.add_argument("--lapack-threads", choices=("library", "openblas"),
+                      default="library",
+                      help="library: the decompositions' one-thread LAPACK "
+                           "default; openblas: OpenBLAS's own thread count")
   args = parser.parse_args(argv)
+  if args.lapack_threads == "openblas":
+    lv.set_cpu_lapack_threads(None)
   device = jax.devices()[0]
   print(f"{datetime.date.today()} jax {jax.__version__} on "
-        f"{device.platform}:{device.device_kind} ({platform.machine()})")
+        f"{device.platform}:{device.device_kind} ({platform.machine()}); "
+        f"{args.contend} busy processes beside; LAPACK threads: "
+        f"{args.lapack_threads}")
   sections = {}
-  if args.only in (None, "layers"):
-    sections["layers"] = bench_layers(args)
-  if args.only in (None, "step"):
-    sections["step"] = bench_step(args)
+  with busy_processes(args.contend):
+    if args.only in (None, "layers"):
+      sections["layers"] = bench_layers(args)
+    if args.only in (None, "step"):
+      sections["step"] = bench_step(args)
   result = dict(device=f"{device.platform}:{device.device_kind}",
                 jax=jax.__version__, date=datetime.date.today().isoformat(),
-                machine=platform.machine(), sections=sections)
+                machine=platform.machine(), contend=args.contend,
+                lapack_threads=args.lapack_threads, sections=sections)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -19,6 +19,9 @@ from lowrank_vjp._src.dropins import compressed_conv as compressed_conv
 from lowrank_vjp._src.dropins import compressed_dense as compressed_dense
 from lowrank_vjp._src.dropins import CompressedConv as CompressedConv
 from lowrank_vjp._src.dropins import CompressedDense as CompressedDense
+from lowrank_vjp._src.lapack import (
+    set_cpu_lapack_threads as set_cpu_lapack_threads,
+)
 from lowrank_vjp._src.layers.activations import gelu as gelu
 from lowrank_vjp._src.layers.activations import hard_swish as hard_swish
 from lowrank_vjp._src.layers.activations import relu as relu
@@ -82,6 +85,7 @@ __all__ = (
     "raise_on_overflow",
     "rank_capacities",
     "rms_norm",
+    "set_cpu_lapack_threads",
     "relu",
     "relu6",
     "rules",

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowrank_vjp._src import lapack
 from lowrank_vjp._src import stats as stats_lib
 from lowrank_vjp._src.methods import tucker
 from lowrank_vjp._src.tensor import hosvd
@@ -75,7 +76,7 @@ def _refresh(gram: jax.Array, u_prev: jax.Array) -> jax.Array:
   on the CPU, 25 through the Grams.
   """
   y = jnp.dot(gram, u_prev.astype(gram.dtype), precision=_HIGHEST)  # [I, K]
-  q, _ = jnp.linalg.qr(y)
+  q, _ = lapack.qr(y)
   return q
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from lowrank_vjp._src import lapack
 from lowrank_vjp._src.tdlrt import weight as tw
 from lowrank_vjp._src.tensor import algebra
 
@@ -267,7 +268,7 @@ def align_basis(p: jax.Array, rank) -> jax.Array:
   keep = jnp.arange(cap) < rank
   both = keep[:, None] & keep[None, :]
   m = jnp.where(both, p[:cap, :].T, 0.0) + jnp.diag((~keep).astype(p.dtype))
-  u, _, vt = jnp.linalg.svd(m)
+  u, _, vt = lapack.svd(m)
   o = jnp.where(both, jnp.dot(u, vt, precision=_HIGHEST), 0.0)
   return jnp.dot(p, o, precision=_HIGHEST)
 
@@ -318,7 +319,7 @@ def truncate_core(core: jax.Array, active, capacity, tau: float,
     # leading eigenvectors live on the active coordinates only.
     gram = jnp.where(masked[:, None] | masked[None, :], 0.0, gram)
     gram = gram - jnp.diag(masked.astype(gram.dtype))
-    w, vecs = jnp.linalg.eigh(gram)
+    w, vecs = lapack.eigh(gram)
     w, vecs = jnp.maximum(w[::-1], 0.0), vecs[:, ::-1]
     # tail2[r] = Σ_{k ≥ r} σ_k²; the τ-rank is the count of r with
     # tail2[r] > τ²‖C̃‖² (tail2 is non-increasing).

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowrank_vjp._src import lapack
+
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -222,7 +224,7 @@ def orthonormalize(v: jax.typing.ArrayLike,
   gram = jnp.dot(v.T, v, precision=_HIGHEST)
   # Dropped columns get a unit diagonal, so the Gram stays invertible.
   gram = 0.5 * (gram + gram.T) + jnp.diag((~keep).astype(v.dtype))
-  lam, vecs = jnp.linalg.eigh(gram)
+  lam, vecs = lapack.eigh(gram)
   lam = jnp.maximum(lam, jnp.finfo(v.dtype).tiny)
   inv_sqrt = jnp.dot(vecs / jnp.sqrt(lam), vecs.T, precision=_HIGHEST)
   sqrt = jnp.dot(vecs * jnp.sqrt(lam), vecs.T, precision=_HIGHEST)
@@ -253,7 +255,7 @@ def leading_basis(m: jax.typing.ArrayLike, keep_max,
   """
   m = jnp.asarray(m)
   gram = jnp.dot(m.T, m, precision=_HIGHEST)
-  lam, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+  lam, vecs = lapack.eigh(0.5 * (gram + gram.T))
   lam, vecs = jnp.maximum(lam[::-1], 0.0), vecs[:, ::-1]
   sv = jnp.sqrt(lam)
   keep = (sv > rtol) & (jnp.arange(m.shape[1]) < keep_max)
@@ -293,7 +295,7 @@ def truncated_hosvd(x: jax.typing.ArrayLike, capacity: Sequence[int],
   ranks = tuple(capacity) if ranks is None else ranks
   factors = []
   for i, cap in enumerate(capacity):
-    u, _, _ = jnp.linalg.svd(unfold(x, i), full_matrices=False)
+    u, _, _ = lapack.svd(unfold(x, i), full_matrices=False)
     if u.shape[1] < cap:
       u = jnp.pad(u, ((0, 0), (0, cap - u.shape[1])))
     factors.append(mask_columns(u[:, :cap], ranks[i]))

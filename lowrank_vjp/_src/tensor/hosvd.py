@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowrank_vjp._src import lapack
 from lowrank_vjp._src import stats as stats_lib
 from lowrank_vjp._src import vma
 from lowrank_vjp._src.tensor import tucker as tucker_lib
@@ -142,7 +143,7 @@ def leading_factor(x: jax.Array, axis: int, capacity: int, eps: float):
   dual = other < size
   gram = mode_gram(x, axis, dual=dual)
   gram = 0.5 * (gram + gram.T)
-  eigvals, eigvecs = jnp.linalg.eigh(gram)
+  eigvals, eigvecs = lapack.eigh(gram)
   eigvals = jnp.maximum(eigvals[::-1], 0.0)
   eigvecs = eigvecs[:, ::-1]
   if dual:

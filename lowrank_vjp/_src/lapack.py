@@ -1,0 +1,114 @@
+"""The threads of the CPU's LAPACK: one by default, robust on shared cores.
+
+On the CPU, jaxlib runs ``eigh``, ``qr`` and ``svd`` through the LAPACK of
+SciPy's wheel, an OpenBLAS whose worker threads busy-wait for work. When
+other processes share the cores, a call waits for workers that are not
+scheduled. Measured on a 2-core machine with two busy processes beside it
+(jaxlib 0.10.2, SciPy's OpenBLAS 0.3.30, median of 15 calls): one 96×96
+``eigh`` took 80 ms with OpenBLAS's 2 threads and 0.8 ms with one; a
+320×320 one 1464 ms and 10 ms. Idle, one thread is as fast up to 320×320
+and 1.1–1.4× slower at 960–1280 (86 → 97 ms, 141 → 200 ms).
+
+The decompositions therefore set that OpenBLAS to one thread the first time
+one of them is traced for the CPU, unless the user chose otherwise:
+``OPENBLAS_NUM_THREADS`` in the environment, or
+:func:`set_cpu_lapack_threads` (which also restores OpenBLAS's own setting
+with ``None``). Only the OpenBLAS inside SciPy's installation is touched
+(NumPy's, a separate library in the wheels, keeps its threads); where SciPy
+uses a system BLAS nothing is changed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+
+_LOCK = threading.Lock()
+_DEFAULT_THREADS = 1
+_state = {"chosen": False, "applied": False, "saved": None}
+
+
+def _scipy_blas_controllers() -> list:
+  """threadpoolctl's controllers of the BLAS libraries shipped with SciPy."""
+  try:
+    import scipy
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's LAPACK)
+    import threadpoolctl
+  except ImportError:
+    return []
+  root = os.path.dirname(os.path.realpath(scipy.__file__))
+  # pip wheels keep the library in site-packages/scipy.libs, beside scipy/.
+  return [c for c in threadpoolctl.ThreadpoolController().lib_controllers
+          if c.user_api == "blas"
+          and os.path.realpath(c.filepath).startswith(root)]
+
+
+def _set(threads: int | None) -> None:
+  controllers = _scipy_blas_controllers()
+  if _state["saved"] is None:
+    _state["saved"] = {c.filepath: c.num_threads for c in controllers}
+  for c in controllers:
+    n = _state["saved"].get(c.filepath, c.num_threads) if threads is None \
+        else threads
+    c.set_num_threads(n)
+  _state["applied"] = True
+
+
+def set_cpu_lapack_threads(threads: int | None) -> None:
+  """Sets the threads of the LAPACK that jaxlib uses on the CPU.
+
+  The decompositions call it with 1 the first time they are traced for the
+  CPU (see the module docstring for the measurements); call it yourself to
+  choose another count, or with ``None`` to give SciPy's OpenBLAS back its
+  own setting. Either way the library no longer changes it.
+
+  Args:
+    threads: A positive int, or None.
+
+  Raises:
+    ValueError: for anything else.
+  """
+  if threads is not None and (isinstance(threads, bool)
+                              or not isinstance(threads, int) or threads < 1):
+    raise ValueError(
+        f"threads must be a positive int or None; got {threads!r}.")
+  with _LOCK:
+    _state["chosen"] = True
+    _set(threads)
+
+
+def prepare() -> None:
+  """Called before tracing a decomposition: the one-thread default, once.
+
+  Does nothing off the CPU, when ``OPENBLAS_NUM_THREADS`` is set, after
+  :func:`set_cpu_lapack_threads`, or after the first call.
+  """
+  if _state["chosen"] or _state["applied"]:
+    return
+  if jax.default_backend() != "cpu" or "OPENBLAS_NUM_THREADS" in os.environ:
+    _state["applied"] = True
+    return
+  with _LOCK:
+    if not (_state["chosen"] or _state["applied"]):
+      _set(_DEFAULT_THREADS)
+
+
+def eigh(a):
+  """``jnp.linalg.eigh`` after :func:`prepare`."""
+  prepare()
+  return jnp.linalg.eigh(a)
+
+
+def qr(a):
+  """``jnp.linalg.qr`` (reduced) after :func:`prepare`."""
+  prepare()
+  return jnp.linalg.qr(a)
+
+
+def svd(a, full_matrices: bool = True):
+  """``jnp.linalg.svd`` after :func:`prepare`."""
+  prepare()
+  return jnp.linalg.svd(a, full_matrices=full_matrices)
