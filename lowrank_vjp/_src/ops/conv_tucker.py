@@ -222,7 +222,8 @@ def canonical_weight_grad(spec, lhs: jax.Array, g: jax.Array) -> jax.Array:
   :func:`weight_grad_conv` returned a weight gradient with two entries
   swapped. In the N…C / …IO layout XLA computes it right (tests in
   tests/ops/test_ops_conv_tucker.py); for NHWC / HWIO the transposes are
-  the identity.
+  the identity. Grouped convolutions are computed tap by tap
+  (:func:`_grouped_weight_grad_by_taps`), which in a loop is much faster.
   """
   spec_c, lhs_perm, out_perm, rhs_perm = canonical_layout(spec)
   if spec.feature_group_count > 1:
@@ -257,6 +258,8 @@ def _grouped_weight_grad_by_taps(spec_c, lhs: jax.Array,
   kernel = spec_c.rhs_shape[:nsp]
   cg, o = spec_c.rhs_shape[nsp], spec_c.rhs_shape[nsp + 1]
   out_sp = g.shape[1:1 + nsp]
+  if g.size == 0 or lhs.size == 0:  # lax allows empty operands and outputs
+    return jnp.zeros(tuple(kernel) + (cg, o), out_dtype)
   zero = jnp.zeros((), lhs.dtype)
   xp = jax.lax.pad(lhs, zero, [(0, 0, 0)] + [
       (lo, hi, dil - 1) for (lo, hi), dil in zip(
