@@ -80,6 +80,54 @@ def after(x: jax.Array, g: jax.Array) -> jax.Array:
                    jnp.full(x.shape, first).astype(x.dtype), x)
 
 
+def computed_once(x: jax.Array) -> jax.Array:
+  """Returns ``x`` unchanged, computed into one buffer that every reader shares.
+
+  XLA fuses a cheap elementwise producer into each consumer it can, and
+  materializes it separately for those it cannot (a convolution), so a
+  tensor read whole by one op and reshaped by another (a contraction's
+  matrix view) is computed twice, and the producer's own input stays alive
+  for both. XLA does not duplicate an expensive op: here ``x`` is divided
+  by one (:func:`divided_once`). Every value is kept, NaN, infinities and
+  signed zeros included; subnormals may be flushed to zero, as XLA:CPU
+  flushes them in every arithmetic op.
+
+  Args:
+    x: An array, typically a cotangent (returned as is unless floating).
+
+  Returns:
+    ``x``, same values.
+  """
+  if not x.size or not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return divided_once(x, jnp.ones((), x.dtype))
+
+
+def divided_once(x: jax.Array, divisor: jax.Array) -> jax.Array:
+  """``x / divisor`` for a scalar ``divisor``, computed once for all readers.
+
+  A division is an op XLA counts as expensive and does not duplicate into
+  its consumers, but XLA rewrites a division by a broadcast scalar into a
+  product by its reciprocal, which is cheap and then copied into every
+  consumer's fusion (each reading ``x`` in its own shape holds a copy of the
+  result). Here the divisor is made elementwise, from ``x``'s own bits (a
+  word has no more set bits than its width), so that XLA can neither fold
+  it nor turn it into a reciprocal.
+
+  Args:
+    x: A floating-point array.
+    divisor: A scalar of ``x``'s dtype.
+
+  Returns:
+    ``x / divisor``, exactly as the plain division.
+  """
+  bits = jnp.dtype(x.dtype).itemsize * 8
+  word = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{bits}"))
+  divisor = divisor.astype(x.dtype)
+  return x / jnp.where(jax.lax.population_count(word) > bits, 2 * divisor,
+                       divisor)
+
+
 def materialized(fn, x: jax.Array):
   """``fn(x)``, computed from one materialized ``x`` and nothing else.
 

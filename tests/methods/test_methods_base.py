@@ -348,3 +348,39 @@ def test_a_named_user_method_resolves_by_its_shorthand():
   with pytest.raises(TypeError, match="keep"):
     M.resolve("test_half_precision", eps=0.5)
   base._REGISTRY.pop("test_half_precision")  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class _Doubled(Exact):
+  """Both gradients read what ``cotangent`` returns: twice ``g``."""
+
+  seen: list = dataclasses.field(default_factory=list, compare=False,
+                                 hash=False)
+
+  def cotangent(self, op, g):
+    return 2 * g
+
+  def input_grad(self, op, residual, rhs, g):
+    self.seen.append(("input", g.shape))
+    return super().input_grad(op, residual, rhs, g)
+
+  def weight_grad(self, op, residual, g):
+    self.seen.append(("weight", g.shape))
+    return super().weight_grad(op, residual, g)
+
+
+def test_both_gradients_read_what_cotangent_returns():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+
+  def grads(method):
+    conv = lv.compressed_conv(method=method)
+    return jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(
+        x, w, (1, 1), "SAME", dimension_numbers=DN))), argnums=(0, 1))(x, w)
+
+  method = _Doubled()
+  exact, doubled = grads(Exact()), grads(method)
+  for e, d in zip(exact, doubled, strict=True):
+    np.testing.assert_allclose(d, 2 * e, rtol=1e-6, atol=1e-6)
+  assert sorted(method.seen) == [("input", (2, 5, 5, 4)),
+                                 ("weight", (2, 5, 5, 4))]

@@ -21,6 +21,7 @@ from conv_cases import (
   BATCH_GROUP,
   GRID_BY_NAME,
   METHODS,
+  ONE_PIXEL_CASES,
   TOL,
   Case,
   cotangent,
@@ -259,24 +260,6 @@ def test_batch_rank_slabs_sum_to_the_whole(monkeypatch):
     (7, 100, 10, 7), (64, 100, 10, 16)])
 def test_batch_rank_slab_count(rank, per_rank, out, want):
   assert conv_tucker.batch_rank_slabs(rank, per_rank, out) == want
-
-
-# One-pixel outputs in layouts whose input and output order batch and space
-# differently: the weight gradient's convolution then has a single tap, and
-# XLA:CPU computed it transposed inside the slab loop (found by the fuzz of
-# test_ops_conv.py: SVD at ε = 1, two entries of dW swapped). The CWN and
-# CHWN cases failed on the code before canonical_weight_grad; the other two
-# did not, and are kept as layouts the loop must also get right.
-ONE_PIXEL_CASES = [
-    Case("1d_cwn_stride2", 2, 2, 1, (2,), (2,), ("CWN", "WIO", "NCW"),
-         dict(window_strides=(2,), padding="SAME")),
-    Case("1d_wnc_valid", 3, 2, 3, (3,), (3,), ("WNC", "IWO", "NCW"),
-         dict(window_strides=(1,), padding="VALID")),
-    Case("2d_chwn_stride2", 3, 3, 2, (2, 2), (2, 2), ("CHWN", "HWIO", "WNCH"),
-         dict(window_strides=(2, 2), padding="VALID")),
-    Case("2d_nhwc_iowh", 2, 3, 4, (3, 3), (3, 3), ("HNWC", "IOHW", "WNHC"),
-         dict(window_strides=(1, 1), padding="VALID")),
-]
 
 
 @pytest.mark.parametrize("case", ONE_PIXEL_CASES, ids=str)

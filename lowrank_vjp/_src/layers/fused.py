@@ -133,7 +133,7 @@ def _block_bwd(bspec, saved, cotangents):
   spec = bspec.conv
   cs = _channel_shape(spec)
   axes = _stat_axes(spec)
-  da = spec.input_grad(rhs, g)
+  da = spec.input_grad(schedule.after(rhs, g), g)
   # Decode once the convolution's input gradient exists. Pinning on `g`
   # instead chains every block's first element of `g` through the next
   # block's elementwise BatchNorm backward, and XLA then kept every block's

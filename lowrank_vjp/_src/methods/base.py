@@ -15,9 +15,9 @@ and then works in every drop-in, Flax module and fine-tuning rule, with the
 exact input gradient and the weight gradient taken at ``decompress(...)``.
 The optional hooks below (:meth:`Method.compress_for`,
 :meth:`Method.weight_grad`, :meth:`Method.input_grad`,
-:meth:`Method.rebuild`, :meth:`Method.init_state`, :meth:`Method.apply`,
-:meth:`Method.with_capacity`, :meth:`Method.check_op`) are how the built-in
-methods get their fast paths, state and statistics.
+:meth:`Method.cotangent`, :meth:`Method.rebuild`, :meth:`Method.init_state`,
+:meth:`Method.apply`, :meth:`Method.with_capacity`, :meth:`Method.check_op`)
+are how the built-in methods get their fast paths, state and statistics.
 
 Subclasses with a ``name`` are registered under it, so that the string
 shorthand (``method="hosvd", eps=0.9``) resolves in one place,
@@ -120,9 +120,23 @@ class Method:
     return (residual, stats_lib.uncompressed(x.shape, x.dtype, self.label,
                                              nbytes), state)
 
+  def cotangent(self, op, g: jax.Array) -> Any:
+    """What :meth:`input_grad` and :meth:`weight_grad` read of ``g``.
+
+    ``g`` itself by default. A method whose gradients both read a reduction
+    of the output gradient (gradient filtering's patch averages) returns it
+    here, so that the full ``g`` dies once it is computed.
+    """
+    del op
+    return g
+
   def input_grad(self, op, residual: Any, rhs: jax.Array, g: jax.Array
                  ) -> jax.Array:
-    """``d lhs``; exact by default (the op's transpose, needing only rhs)."""
+    """``d lhs``; exact by default (the op's transpose, needing only rhs).
+
+    ``g`` is :meth:`cotangent`'s; ``rhs`` is already pinned to the backward
+    pass, after :meth:`weight_grad`.
+    """
     del residual
     return op.input_grad(rhs, g)
 
@@ -136,7 +150,10 @@ class Method:
     return self.decompress(residual, op.lhs_aval())
 
   def weight_grad(self, op, residual: Any, g: jax.Array) -> jax.Array:
-    """``d rhs`` at the rebuilt input (rebuilt only once ``g`` exists)."""
+    """``d rhs`` at the rebuilt input (rebuilt only once ``g`` exists).
+
+    ``g`` is :meth:`cotangent`'s.
+    """
     residual = jax.tree_util.tree_map(lambda r: schedule.after(r, g),
                                       residual)
     return op.weight_grad(self.rebuild(op, residual), g)

@@ -47,7 +47,6 @@ from jax import lax
 from lowrank_vjp._src import stats as stats_lib
 from lowrank_vjp._src.methods import base
 from lowrank_vjp._src.ops import conv as conv_lib
-from lowrank_vjp._src import schedule
 
 ConvSpec = conv_lib.ConvSpec
 
@@ -267,11 +266,12 @@ class GradFilter(base.Method):
     return x_sum, stats_lib.uncompressed(
         x.shape, x.dtype, self.label, residual_nbytes(op, self.radius)), state
 
-  def input_grad(self, op, residual, rhs, g):
-    grid = filter_grid(op, self.radius)
-    g_avg = pool_output_grad(g, op, grid)
-    return input_grad(op, schedule.after(rhs, g), g_avg, grid)
+  def cotangent(self, op, g):
+    # Both gradients read only the patch averages of g.
+    return pool_output_grad(g, op, filter_grid(op, self.radius))
 
-  def weight_grad(self, op, residual, g):
-    g_avg = pool_output_grad(g, op, filter_grid(op, self.radius))
+  def input_grad(self, op, residual, rhs, g_avg):
+    return input_grad(op, rhs, g_avg, filter_grid(op, self.radius))
+
+  def weight_grad(self, op, residual, g_avg):
     return weight_grad(op, residual, g_avg)

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lowrank_vjp._src import schedule
 from lowrank_vjp._src import vma
 
 
@@ -141,8 +140,14 @@ class Op:
         jax.ShapeDtypeStruct(self.rhs_shape, self.rhs_dtype)).shape
 
   def input_grad(self, rhs: jax.Array, g: jax.Array) -> jax.Array:
-    """Exact ``d lhs``: the transpose of the op in ``lhs`` applied to ``g``."""
-    rhs = schedule.after(rhs, g)  # e.g. a flipped kernel: in the backward
+    """Exact ``d lhs``: the transpose of the op in ``lhs`` applied to ``g``.
+
+    ``rhs`` must already be pinned to the backward pass (the custom VJP
+    ties it after the weight gradient, or after ``g``): a transform of it (a
+    flipped kernel) is otherwise hoisted into the forward pass and kept.
+    Pinning here again, by a read of ``g``, would make XLA recompute ``g``'s
+    elementwise producers for that read and keep their inputs alive.
+    """
     return transpose(lambda l: self.apply(l, rhs), self.lhs_aval(),
                      g.astype(self.out_dtype()))
 
