@@ -70,3 +70,33 @@ def test_computed_once_is_one_division_xla_cannot_fold():
   hlo = jax.jit(lambda x: schedule.computed_once(x * 2.0)).lower(
       x).compile().as_text()
   assert re.search(r"f32\[4,8\]\{[^}]*\} divide\(", hlo), hlo
+
+
+
+def test_divided_once_differentiates_as_the_division():
+  """Its bit casts carry no tangent; the rule must (a second derivative
+  through the custom VJP's ``computed_once(g)`` came out zero without)."""
+  x = jnp.asarray([1.5, -2.0, 0.25])
+  d = jnp.asarray(4.0)
+  f = lambda x, d: jnp.sum(jnp.sin(schedule.divided_once(x, d)) ** 2)
+  ref = lambda x, d: jnp.sum(jnp.sin(x / d) ** 2)
+  for got, want in ((jax.grad(f, (0, 1))(x, d), jax.grad(ref, (0, 1))(x, d)),
+                    (jax.hessian(f)(x, d), jax.hessian(ref)(x, d))):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  once = lambda x: jnp.sum(jnp.tanh(schedule.computed_once(x)) ** 2)
+  np.testing.assert_allclose(
+      jax.hessian(once)(x), jax.hessian(lambda x: jnp.sum(jnp.tanh(x) ** 2))(x),
+      rtol=1e-6, atol=1e-7)
+
+
+def test_divided_once_of_a_quotient_is_not_reassociated():
+  """XLA rewrote ``(a / b) / c`` into ``a / (b·c)``: the outer quotient then
+  read ``a`` again, which stayed alive beside ``a / b`` (a ReLU6's input
+  beside its output, under HOSVD's scaling)."""
+  x = jnp.ones((4, 8))
+  hlo = jax.jit(lambda x, s: schedule.divided_once(
+      schedule.computed_once(jnp.clip(x, 0, 6)), s)).lower(
+          x, jnp.float32(3.0)).compile().as_text()
+  assert len(re.findall(r"f32\[4,8\]\{[^}]*\} divide\(", hlo)) == 2, hlo
+  assert not re.search(r"f32\[4,8\]\{[^}]*\} multiply\(", hlo), hlo

@@ -7,7 +7,7 @@ activation early (in the forward pass, with the rebuilt tensor kept alive
 until the backward pass). :func:`tie` and :func:`after` add data
 dependencies that forbid each, without changing any value. A third undoes
 it across layers: XLA recomputing a cheap producer in each consumer, which
-keeps the producer's inputs alive; :func:`materialized` forbids that.
+keeps the producer's inputs alive; :func:`computed_once` forbids that.
 """
 
 from __future__ import annotations
@@ -119,47 +119,32 @@ def divided_once(x: jax.Array, divisor: jax.Array) -> jax.Array:
     divisor: A scalar of ``x``'s dtype.
 
   Returns:
-    ``x / divisor``, exactly as the plain division.
+    ``x / divisor``, exactly as the plain division, and differentiable as
+    it (a bit cast alone would carry no tangent: a second-order derivative
+    through the custom VJP's ``computed_once(g)`` came out zero).
   """
+  divisor = jnp.asarray(divisor).astype(x.dtype)
+  return _divided_once(x, divisor)
+
+
+@jax.custom_jvp
+def _divided_once(x, divisor):
   bits = jnp.dtype(x.dtype).itemsize * 8
   word = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{bits}"))
-  divisor = divisor.astype(x.dtype)
-  return x / jnp.where(jax.lax.population_count(word) > bits, 2 * divisor,
-                       divisor)
+  count = jax.lax.population_count(word)
+  # The numerator passes through its own bits (flipped where a word would
+  # have more set bits than it has: never). XLA rewrites ``(a / b) / c``
+  # into ``a / (b·c)``, and HOSVD's scaled copy of a computed_once ReLU6
+  # output then read the ReLU6's input again, which stayed alive beside
+  # the output (MobileNetV2's first expansion, 147 MiB at batch 32).
+  numerator = jax.lax.bitcast_convert_type(
+      word ^ (count > bits).astype(word.dtype), x.dtype)
+  return numerator / jnp.where(count > bits, 2 * divisor, divisor)
 
 
-def materialized(fn, x: jax.Array):
-  """``fn(x)``, computed from one materialized ``x`` and nothing else.
-
-  XLA fuses cheap elementwise producers into every consumer, duplicating
-  them. Along a residual stream (``x = relu(x + conv(x))``, block after
-  block) each consumer of a block's output (the next convolution, the skip
-  addition, the mask packing, the compression) then recomputed the stream
-  from the raw convolution outputs of every earlier block, which XLA kept
-  alive at full size until the last such recomputation: four activation
-  buffers per stage of a 9-block CNN. Here ``fn`` runs inside a
-  ``lax.cond`` whose predicate is never true: a conditional fuses with
-  nothing, so ``x`` is computed once into its own buffer and ``fn``'s
-  results (the layer's output and residual) are new buffers that every
-  consumer reads. ``lax.optimization_barrier`` would say the same, but the
-  CPU pipeline removes barriers.
-
-  Args:
-    fn: The computation, ``x -> pytree of arrays``.
-    x: Its input.
-
-  Returns:
-    ``fn(x)``, same values.
-  """
-  if not x.size:
-    return fn(x)
-
-  def on_cpu(x):
-    first = jax.lax.slice(x.reshape(-1), (0,), (1,))[0]
-    zeros = lambda v: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, v))
-    return jax.lax.cond(_never([_word(first)]), zeros, fn, x)
-
-  # Elsewhere the barrier is kept, and a conditional could cost a host
-  # round trip for its predicate on a GPU.
-  return jax.lax.platform_dependent(
-      x, cpu=on_cpu, default=lambda x: fn(jax.lax.optimization_barrier(x)))
+@_divided_once.defjvp
+def _divided_once_jvp(primals, tangents):
+  x, divisor = primals
+  dx, ddivisor = tangents
+  y = _divided_once(x, divisor)
+  return y, (dx - y * ddivisor) / divisor

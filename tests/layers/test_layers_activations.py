@@ -252,7 +252,9 @@ def test_residual_stream_of_relu_blocks_is_computed_once():
 
   Before, XLA recomputed the stream ``x = relu(x + conv(relu(conv(x))))`` in
   each consumer from the raw convolution outputs of all earlier blocks and
-  kept those alive: 6.49 x one activation of temp here, 4.50 after.
+  kept those alive: 6.49 x one activation of temp here. With lv.relu's
+  output through schedule.computed_once 4.00; the same code with the
+  output left to fuse into its readers 5.00.
   """
   class Chain(nn.Module):
 
@@ -272,4 +274,4 @@ def test_residual_stream_of_relu_blocks_is_computed_once():
     return jnp.sum(y * y)
 
   temp = lv.measure.xla_memory(jax.grad(loss), params, x).temp_bytes
-  assert temp < 5.5 * x.size * 4, temp / (x.size * 4)
+  assert temp < 4.5 * x.size * 4, temp / (x.size * 4)

@@ -99,7 +99,9 @@ def test_xla_keeps_nothing_per_layer():
     return make
 
   frozen = lambda y, affine: lv.frozen_batch_norm(y, mean, var, *affine)
-  ours, _ = lv.measure.temp_bytes_per_layer(build(frozen), (4, 8))
+  # Four depths: XLA's buffer packing makes single steps uneven (one
+  # 4-layer step can add 4.6 KB and the next 9.2 KB), the fitted slope is not.
+  ours, _ = lv.measure.temp_bytes_per_layer(build(frozen), (4, 8, 12, 16))
   act = 4 * math.prod(shape)
   formula = act / 16 + act / 32          # r = 4 pooled input + 1-bit mask
   assert 0.85 * formula <= ours <= 1.15 * formula, (ours, formula)

@@ -214,20 +214,22 @@ def test_xla_temp_bytes_per_block_match_formula(name):
   """conv → BN → ReLU blocks: XLA's bytes per added block vs the formula.
 
   The stacks are those of experiments/memory_blocks.py (frozen BN and
-  lv.relu, or the fused training-mode unit); the slope is over depths 4
-  and 8. Vanilla ("none") also keeps a flipped copy of each kernel
-  (2.25 KiB here), which the formula does not count.
+  lv.relu, or the fused training-mode unit); the slope is fitted over
+  depths 4, 8, 12 and 16, since XLA's buffer packing makes single steps
+  uneven (HOSVD adds 2 KiB from depth 4 to 8 and 61 KiB from 8 to 12).
+  Vanilla ("none") also keeps a flipped copy of each kernel (2.25 KiB
+  here), which the formula does not count.
   """
   mb = _experiment()
   (_, build, formula), = [c for c in mb.cases(0.9) if c[0] == name]
-  xla, jaxpr, _ = mb.per_block(build, SHAPE, (4, 8))
+  xla, jaxpr, _ = mb.per_block(build, SHAPE, (4, 8, 12, 16))
   expect = formula(SHAPE)
-  # HOSVD keeps more per block than its residual at this tiny shape (10000
+  # HOSVD keeps more per block than its residual at this tiny shape (8816
   # vs 7424 B; 0.134 vs 0.100 of the activation at 64x14x14x96 in
-  # experiments/memory_stack.py): the scaling division's copy (8800 B
-  # before), then lv.relu's materialized output (~860 B of the rest), which
-  # cut the whole-step peak of a 9-block CNN by 1.7x (docs/memory.md). A
-  # documented trade-off.
+  # experiments/memory_stack.py). Its jaxpr residual matches the formula;
+  # where XLA's extra bytes sit was not traced at this shape. The absolute
+  # temps are lower than before lv.relu used schedule.computed_once (222848
+  # vs 227456 B at depth 4, 319616 vs 325760 at depth 16).
   high = 1.4 if name.startswith("hosvd") else 1.12
   assert 0.85 * expect <= xla <= high * expect, (xla, expect)
   assert abs(jaxpr - expect) <= 0.02 * expect + 64, (jaxpr, expect)

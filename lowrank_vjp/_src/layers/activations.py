@@ -54,11 +54,16 @@ def relu(x: jax.typing.ArrayLike) -> jax.Array:
 
 
 def _relu_fwd(x):
-  # Materialized: see schedule.materialized (a residual stream of lv.relu
-  # blocks otherwise keeps every block's convolution output alive).
-  y, mask = schedule.materialized(
-      lambda v: (jnp.maximum(v, 0), _pack(v > 0)), x)
-  return y, remat.named(mask)
+  # Computed once (schedule.computed_once): every reader of the output (the
+  # next convolution, a skip addition, the mask, a compression) reads one
+  # buffer, which XLA may write over ``x``. Fused into each reader instead,
+  # a residual stream of lv.relu blocks kept every block's convolution
+  # output alive; inside a never-true conditional (as before) the input and
+  # the output were two buffers alive together. The mask is the output's:
+  # ``y > 0`` exactly where ``x > 0``, except that a subnormal ``x`` may be
+  # flushed to zero, as XLA:CPU flushes it in every arithmetic op.
+  y = schedule.computed_once(jnp.maximum(x, 0))
+  return y, remat.named(_pack(y > 0))
 
 
 def _relu_bwd(packed, g):
@@ -83,9 +88,9 @@ def relu6(x: jax.typing.ArrayLike) -> jax.Array:
 
 
 def _relu6_fwd(x):
-  y, mask = schedule.materialized(
-      lambda v: (jnp.clip(v, 0, 6), _pack((v > 0) & (v < 6))), x)
-  return y, remat.named(mask)
+  # As lv.relu's: one buffer for every reader, the mask from the output.
+  y = schedule.computed_once(jnp.clip(x, 0, 6))
+  return y, remat.named(_pack((y > 0) & (y < 6)))
 
 
 relu6.defvjp(_relu6_fwd, _relu_bwd)

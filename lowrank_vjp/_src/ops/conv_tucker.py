@@ -111,8 +111,11 @@ def weight_grad_conv(spec, res: TuckerResidual,
   expand, keep_channel_rank, shape = _rank_space_layout(spec, res)
   batch = dn.lhs_spec[0]
   u_b = res.factors[batch]
+  ob = dn.out_spec[0]
+  per_rank = max(math.prod(shape) // max(shape[batch], 1),
+                 g.size // max(g.shape[ob], 1))
   slabs = 1 if u_b is None else batch_rank_slabs(
-      u_b.shape[1], math.prod(shape) // max(shape[batch], 1), g.size)
+      u_b.shape[1], per_rank, g.size)
   if keep_channel_rank:
     u_c = res.factors[dn.lhs_spec[1]]
     in_axis = dn.rhs_spec[1]

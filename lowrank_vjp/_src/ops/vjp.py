@@ -96,6 +96,26 @@ def _pin_through_weight(op) -> bool:
   return rhs <= out
 
 
+_OP_FIRST_RATIO = 3
+
+
+def _op_first(op) -> bool:
+  """Whether the op runs before the compression of its input.
+
+  Where the output is at most a third of the input (a stride-2 depthwise
+  convolution's is a quarter, an inverted residual's projection a sixth),
+  the op runs first: its input's last reader is then the compression,
+  whose scaled copy XLA writes over the input, and the small output is all
+  that is added. Otherwise the residual comes first (the pins below), which
+  is better where the input outlives the op anyway, as a residual block's
+  input does for its skip addition; ResNet's stride-2 convolutions, whose
+  outputs are half their inputs, are among these.
+  """
+  lhs = math.prod(op.lhs_shape) * jnp.dtype(op.lhs_dtype).itemsize
+  out = math.prod(op.out_shape()) * jnp.dtype(op.out_dtype()).itemsize
+  return out * _OP_FIRST_RATIO <= lhs
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def compressed_apply(op, method, lhs, rhs, state):
   """``(op.apply(lhs, rhs), stats, new_state)`` saving a compressed ``lhs``.
@@ -118,11 +138,16 @@ def compressed_apply(op, method, lhs, rhs, state):
 def _compressed_apply_fwd(op, method, lhs, rhs, state):
   res, stats, new_state = method.compress_for(op, _stop(lhs), state)
   res = remat.named(res)
-  if _pin_through_weight(op):
+  if _pin_through_weight(op) and not _op_first(op):
     # The residual before the op itself: XLA then frees the compression's
     # transients (a scaled copy of lhs) before it allocates the output.
     y = op.apply(lhs, schedule.tie(rhs, res))
   else:
+    # The residual before the output's first use only. Where the op should
+    # run first (_op_first), nothing more is needed: XLA schedules it
+    # before the compression once no pin ties it after (ordering it
+    # explicitly, by a select over ``lhs`` that reads the output, cost a
+    # copy of ``lhs``).
     y = schedule.tie(op.apply(lhs, rhs), res)
   return (y, stats, new_state), (res, remat.named(rhs))
 

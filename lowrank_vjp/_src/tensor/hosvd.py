@@ -254,7 +254,8 @@ def _power_of_two(exponent: jax.Array, dtype) -> jax.Array:
   return lax.bitcast_convert_type(biased, dtype)
 
 
-def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
+def tucker_compress(x: jax.Array, capacity, eps: float, method: str,
+                    normalized: bool = False):
   """Compresses ``x`` into a :class:`TuckerResidual` and reports what it kept.
 
   Args:
@@ -263,6 +264,8 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
       from a Tucker method's ``capacity``.
     eps: Explained-variance target per compressed mode.
     method: Name recorded in the statistics.
+    normalized: ``x`` is already scaled by :func:`normalize` (then it is not
+      scaled again, which would cost one more activation-sized copy).
 
   Returns:
     ``(residual, stats)``: a :class:`TuckerResidual` whose core is in
@@ -270,7 +273,11 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
   """
   x = lax.stop_gradient(x)
   dtype = x.dtype
-  x, unscale = normalize(x)
+  if normalized:
+    x = x.astype(compute_dtype(dtype))
+    unscale = jnp.ones((), x.dtype)
+  else:
+    x, unscale = normalize(x)
   factors, needed, kept, energy = [], [], [], []
   for axis, cap in enumerate(capacity):
     if cap is None:
@@ -286,6 +293,13 @@ def tucker_compress(x: jax.Array, capacity, eps: float, method: str):
     energy.append(e)
   factors = tuple(factors)
   core = (project(x, factors) * unscale).astype(tucker_lib.core_dtype(dtype))
+  # A reader of the scaled ``x`` in its own shape (a reduction, for the
+  # never-true select): where every other reader views it as a matrix (the
+  # batch-mode SVD's Gram and projection), XLA otherwise folds that reshape
+  # into the scaling's fusion, whose output then cannot take over the
+  # input's buffer: two activations alive instead of one (MobileNetV2's
+  # first expansion under SVD, tests/ops/test_ops_vjp_memory.py).
+  core = schedule.tie(core, x)
   residual = tucker_lib.TuckerResidual(core=core, factors=factors)
   needed = jnp.stack(needed)
   stats = stats_lib.CompressionStats(
