@@ -148,6 +148,14 @@ def parse(argv=None):
                  help="rows that get the largest-batch search (default: "
                  "all but hosvd-0.8, whose capacity and so program size is "
                  "hosvd-0.9's; '' for none)")
+  p.add_argument("--cache-dir", default=None,
+                 help="a compilation cache kept after the run (default: a "
+                 "temporary one per run). A second run on a filled cache "
+                 "loads every program instead of compiling and autotuning "
+                 "it, so its allocator peaks are the steps' own and its "
+                 "compile times are loads")
+  p.add_argument("--render", default=None, metavar="JSON",
+                 help="only rewrite JSON's Markdown page from it, and exit")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.smoke:
@@ -323,6 +331,9 @@ class Child:
   live: set[Child] = set()
   """Started and not yet stopped, to stop if the run itself fails."""
 
+  cache_dir: str | None = None
+  """The run's compilation cache (``--cache-dir``, or one in its logs)."""
+
   def __init__(self, spec: dict, events: queue.Queue, log_dir: str):
     self.spec, self.name, self.events = spec, spec["method"], events
     self.log_path = os.path.join(log_dir, f"{spec['section']}_"
@@ -330,9 +341,10 @@ class Child:
     # One compilation cache per run, shared by its processes: the model's
     # initialisation (and largest-batch candidates' rebuilds) compile once;
     # no two measured steps of a run are the same program.
-    cache_dir = os.path.join(log_dir, "compilation_cache")
+    cache_dir = Child.cache_dir or os.path.join(log_dir, "compilation_cache")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               JAX_COMPILATION_CACHE_DIR=cache_dir)
+               JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if spec.get("smoke"):  # cheaper random initialisation on a CPU
       env["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
     env["PYTHONPATH"] = os.pathsep.join(
@@ -394,7 +406,7 @@ def _launch_all(specs, jobs, events, log_dir, deadline, rows, until):
   ``deadline``. While the run's compilation cache is empty the first runs
   alone until it has built its model, so that the others find its
   initialisation compiled there."""
-  cache = os.path.join(log_dir, "compilation_cache")
+  cache = Child.cache_dir or os.path.join(log_dir, "compilation_cache")
   pending, busy = list(specs), set()
   gate = not (os.path.isdir(cache) and os.listdir(cache))
   while pending or busy:
@@ -591,6 +603,7 @@ def environment() -> dict:
           "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get(
               "XLA_PYTHON_CLIENT_PREALLOCATE"),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+          "LOWRANK_VJP_GPU_EIGH": os.environ.get("LOWRANK_VJP_GPU_EIGH"),
           "environment_info": jax.print_environment_info(return_string=True)}
 
 
@@ -622,6 +635,13 @@ def _alloc(row: dict) -> str:
       "*" if row.get("peak_set_by_steps") is False else "")
 
 
+def _row_errors(rows) -> list[str]:
+  """A line per row with an error (its first line), after its table."""
+  out = [f"- {r['method']}: {r['error'].splitlines()[0]}"
+         for r in rows if r.get("error")]
+  return out + [""] if out else []
+
+
 def page(result: dict) -> str:
   """The Markdown page of a result; every figure comes from ``result``."""
   e = result["environment"]
@@ -641,9 +661,8 @@ def page(result: dict) -> str:
       lines.append(
           f"| {r['method']} | {r.get('compile_s', 0):.1f} | "
           f"{_ms(r.get('step_s'))} | {_x(r.get('step_ratio'))} | "
-          f"{_mib(xla)} | {_alloc(r)} | {_x(_ratio(peak, xla))} |"
-          + (" **error** |" if r.get("error") else ""))
-    lines.append("")
+          f"{_mib(xla)} | {_alloc(r)} | {_x(_ratio(peak, xla))} |")
+    lines += [""] + _row_errors(s["rows"])
   s = result["sections"].get("layers")
   if s:
     lines += [f"## Layers: the last four MobileNetV2 convolutions, "
@@ -661,27 +680,34 @@ def page(result: dict) -> str:
   s = result["sections"].get("peak")
   if s:
     lines += [f"## Peak: {s['setting']}, batch {s['batch']}", "",
-              "| method | XLA peak MiB | allocator peak MiB | allocator / XLA "
-              "| vanilla / method (allocator) | largest batch under "
-              f"{s['budget_bytes'] / MiB:.0f} MiB | its XLA peak MiB |",
-              "|---|---|---|---|---|---|---|"]
-    base = _peaks(s["rows"][0])[1]
+              "| method | XLA peak MiB | vanilla / method (XLA) | allocator "
+              "peak MiB | allocator / XLA | vanilla / method (allocator) | "
+              f"largest batch under {s['budget_bytes'] / MiB:.0f} MiB | its "
+              "XLA peak MiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    base = s["rows"][0]
     for r in s["rows"]:
       xla, peak = _peaks(r)
+      # A starred peak bounds its process's steps from above only: no ratio.
+      by_steps = (r.get("peak_set_by_steps") is True
+                  and base.get("peak_set_by_steps") is True)
+      saving = _ratio(_peaks(base)[1], peak) if by_steps else None
       mb = r.get("max_batch") or {}
       batch = mb.get("batch")
       batch = "–" if batch is None else f"{batch}" + (
           "+" if mb.get("at_limit") else "")
-      lines.append(f"| {r['method']} | {_mib(xla)} | {_alloc(r)} | "
-                   f"{_x(_ratio(peak, xla))} | {_x(_ratio(base, peak))} | "
-                   f"{batch} | {_mib(mb.get('peak_bytes'))} |"
-                   + (" **error** |" if r.get("error") else ""))
-    lines.append("")
+      lines.append(f"| {r['method']} | {_mib(xla)} | "
+                   f"{_x(_ratio(_peaks(base)[0], xla))} | {_alloc(r)} | "
+                   f"{_x(_ratio(peak, xla))} | {_x(saving)} | "
+                   f"{batch} | {_mib(mb.get('peak_bytes'))} |")
+    lines += [""] + _row_errors(s["rows"])
   if any(r.get("peak_set_by_steps") is False
          for s in result["sections"].values() for r in s.get("rows", [])):
     lines += ["\\* The process peaked before its first step (setup or "
               "compile, autotuning scratch included): the steps' own peak "
-              "is at most this.", ""]
+              "is at most this, and no saving is computed from it. A second "
+              "run on the first one's `--cache-dir` loads the programs "
+              "instead of compiling them.", ""]
   for skipped in result["skipped"]:
     lines.append(f"Skipped {skipped['section']}: {skipped['reason']}.")
   for failed in result.get("failed", []):
@@ -731,6 +757,12 @@ def main(argv=None) -> dict:
       _send(event="error", error=traceback.format_exc())
       raise
     return {}
+  if args.render:
+    with open(args.render) as f:
+      rendered = page(json.load(f))
+    with open(args.render[:-len(".json")] + ".md", "w") as f:
+      f.write(rendered)
+    return {}
   global T0
   t_start = T0 = time.perf_counter()
   deadline = t_start + args.budget_s
@@ -755,6 +787,16 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   path = output_path(args.out, env["device_kind"], env["date"], args.smoke)
   log_dir = tempfile.mkdtemp(prefix="gpu_run_logs_")
+  if args.cache_dir:
+    Child.cache_dir = os.path.abspath(args.cache_dir)
+    filled = os.path.isdir(Child.cache_dir) and bool(os.listdir(
+        Child.cache_dir))
+    result["cache_filled_at_start"] = filled
+    if filled:
+      result["notes"].append(
+          "This run started on a filled compilation cache (--cache-dir): its "
+          "processes load programs compiled by an earlier run, so compile_s "
+          "is a load and no autotuning scratch enters the allocator peaks.")
   runners = {"step": lambda: run_step_section(args, deadline, log_dir),
              "layers": lambda: run_layers_section(args),
              "peak": lambda: run_peak_section(args, deadline, log_dir)}
@@ -773,8 +815,9 @@ def main(argv=None) -> dict:
     for c in list(Child.live):
       c.stop()
     # Its executables are this run's only; the logs stay.
-    shutil.rmtree(os.path.join(log_dir, "compilation_cache"),
-                  ignore_errors=True)
+    if not args.cache_dir:
+      shutil.rmtree(os.path.join(log_dir, "compilation_cache"),
+                    ignore_errors=True)
   save(partial=bool(result["skipped"] or result["failed"] or any(
       "error" in r for s in result["sections"].values()
       for r in s.get("rows", []))))

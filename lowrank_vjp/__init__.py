@@ -21,6 +21,7 @@ from lowrank_vjp._src.dropins import CompressedConv as CompressedConv
 from lowrank_vjp._src.dropins import CompressedDense as CompressedDense
 from lowrank_vjp._src.lapack import (
     set_cpu_lapack_threads as set_cpu_lapack_threads,
+    set_gpu_eigh as set_gpu_eigh,
 )
 from lowrank_vjp._src.layers.activations import gelu as gelu
 from lowrank_vjp._src.layers.activations import hard_swish as hard_swish
@@ -86,6 +87,7 @@ __all__ = (
     "rank_capacities",
     "rms_norm",
     "set_cpu_lapack_threads",
+    "set_gpu_eigh",
     "relu",
     "relu6",
     "rules",

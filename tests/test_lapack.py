@@ -72,3 +72,49 @@ def test_an_explicit_choice_wins_and_none_restores(fresh, monkeypatch):
 def test_bad_thread_counts(bad):
   with pytest.raises(ValueError, match="threads must be a positive int"):
     lv.set_cpu_lapack_threads(bad)
+
+
+@pytest.fixture
+def gpu_choice(monkeypatch):
+  """The GPU solver choice as in a new process."""
+  monkeypatch.setattr(lapack, "_gpu_eigh", {"chosen": False, "name": None})
+  monkeypatch.delenv("LOWRANK_VJP_GPU_EIGH", raising=False)
+  return monkeypatch
+
+
+def test_gpu_eigh_defaults_to_jaxlib_and_reads_the_environment(gpu_choice):
+  assert lapack.gpu_eigh() is None
+  gpu_choice.setenv("LOWRANK_VJP_GPU_EIGH", "Jacobi")
+  assert lapack.gpu_eigh() == "jacobi"
+  gpu_choice.setenv("LOWRANK_VJP_GPU_EIGH", "")    # empty: jaxlib's choice
+  assert lapack.gpu_eigh() is None
+  gpu_choice.setenv("LOWRANK_VJP_GPU_EIGH", "syevd")
+  with pytest.raises(ValueError, match="LOWRANK_VJP_GPU_EIGH.*'syevd'"):
+    lapack.gpu_eigh()
+
+
+def test_set_gpu_eigh_overrides_the_environment_and_checks(gpu_choice):
+  gpu_choice.setenv("LOWRANK_VJP_GPU_EIGH", "jacobi")
+  lv.set_gpu_eigh("qr")
+  assert lapack.gpu_eigh() == "qr"
+  lv.set_gpu_eigh(None)
+  assert lapack.gpu_eigh() is None
+  for bad in ("syevj", 1, "JACOBI "):
+    with pytest.raises(ValueError, match="implementation must be one of"):
+      lv.set_gpu_eigh(bad)
+
+
+@pytest.mark.parametrize("choice", [None, "jacobi", "qr"])
+def test_every_choice_solves_the_same_problem(gpu_choice, choice):
+  """Off a GPU the choice changes nothing; on one, each solver agrees with
+  jaxlib's default to float32 round-off."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (48, 96))
+  g = a @ a.T
+  w0, v0 = jnp.linalg.eigh(g)
+  lv.set_gpu_eigh(choice)
+  w, v = jax.jit(lapack.eigh)(g)
+  assert w.shape == w0.shape and v.shape == v0.shape
+  scale = float(w0[-1])
+  assert jnp.max(jnp.abs(w - w0)) <= 1e-5 * scale
+  # Eigenvectors up to sign: reconstruct the Gram.
+  assert jnp.max(jnp.abs((v * w) @ v.T - g)) <= 1e-4 * scale

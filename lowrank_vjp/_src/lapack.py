@@ -16,6 +16,16 @@ one of them is traced for the CPU, unless the user chose otherwise:
 with ``None``). Only the OpenBLAS inside SciPy's installation is touched
 (NumPy's, a separate library in the wheels, keeps its threads); where SciPy
 uses a system BLAS nothing is changed.
+
+On a GPU, ``eigh`` goes to cuSOLVER: jaxlib's default is the batched Jacobi
+solver (``syevj``) up to 32×32 and the divide-and-conquer ``syevd`` above,
+whose latency dominates a compressed layer's forward at MobileNetV2's
+channel counts (docs/benchmarks/gpu/README.md). :func:`set_gpu_eigh` picks
+the solver for every size (``"jacobi"`` or ``"qr"``, jaxlib's names), or
+gives the choice back to jaxlib (``None``); the environment variable
+``LOWRANK_VJP_GPU_EIGH`` sets the same before the first decomposition is
+traced. All are exact eigen-solvers in the Gram's dtype: the ranks the ε
+rule picks do not depend on the choice beyond round-off.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 _LOCK = threading.Lock()
 _DEFAULT_THREADS = 1
@@ -96,10 +107,53 @@ def prepare() -> None:
       _set(_DEFAULT_THREADS)
 
 
+_GPU_EIGH_CHOICES = {"jacobi": "JACOBI", "qr": "QR"}
+_gpu_eigh = {"chosen": False, "name": None}
+
+
+def _check_gpu_eigh(name, what):
+  if name is not None and name not in _GPU_EIGH_CHOICES:
+    raise ValueError(f"{what} must be one of {sorted(_GPU_EIGH_CHOICES)} or "
+                     f"None (jaxlib's choice by size); got {name!r}.")
+  return name
+
+
+def set_gpu_eigh(implementation: str | None) -> None:
+  """Chooses the cuSOLVER eigen-solver of every decomposition on a GPU.
+
+  Takes effect for programs traced afterwards; it changes nothing on other
+  backends. Overrides ``LOWRANK_VJP_GPU_EIGH``.
+
+  Args:
+    implementation: ``"jacobi"`` (``syevj`` at every size), ``"qr"``
+      (``syevd``), or None: jaxlib's default (``syevj`` up to 32×32, else
+      ``syevd``).
+
+  Raises:
+    ValueError: for any other value.
+  """
+  _gpu_eigh["name"] = _check_gpu_eigh(implementation, "implementation")
+  _gpu_eigh["chosen"] = True
+
+
+def gpu_eigh() -> str | None:
+  """The solver :func:`eigh` asks cuSOLVER for (None: jaxlib's choice)."""
+  if not _gpu_eigh["chosen"]:
+    env = os.environ.get("LOWRANK_VJP_GPU_EIGH") or None
+    return _check_gpu_eigh(env and env.lower(), "LOWRANK_VJP_GPU_EIGH")
+  return _gpu_eigh["name"]
+
+
 def eigh(a):
-  """``jnp.linalg.eigh`` after :func:`prepare`."""
+  """``jnp.linalg.eigh`` after :func:`prepare`; on a GPU, by
+  :func:`gpu_eigh`'s solver."""
   prepare()
-  return jnp.linalg.eigh(a)
+  name = gpu_eigh() if jax.default_backend() == "gpu" else None
+  if name is None:
+    return jnp.linalg.eigh(a)
+  impl = getattr(lax.linalg.EighImplementation, _GPU_EIGH_CHOICES[name])
+  v, w = lax.linalg.eigh(a, implementation=impl)
+  return w, v
 
 
 def qr(a):

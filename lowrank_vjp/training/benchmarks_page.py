@@ -484,22 +484,94 @@ def _whole_step_finding(sections) -> str:
   return text
 
 
-def _speed_findings(result, sections) -> list[str]:
+def _speed_findings(result, sections, gpu_runs=()) -> list[str]:
   device = result["environment"]["device"]
-  measured = f"Only {device} was measured."
-  if device.split(":")[0].lower() == "cpu":
-    measured += (" A GPU row needs a rerun on a machine with one "
-                 "(`python experiments/paper_benchmarks.py speed page`).")
+  measured = f"Only {device} was measured here."
+  if gpu_runs:
+    measured += (" GPU rows from experiments/gpu_run.py's runs in "
+                 "benchmarks/gpu/ follow.")
+  elif device.split(":")[0].lower() == "cpu":
+    measured += (" A GPU row needs a run of `experiments/gpu_lease.sh` on "
+                 "a machine with one (docs/benchmarks/gpu/README.md).")
   out = [_eps_finding(sections), _paper_finding(sections),
          _whole_step_finding(sections), measured]
   return [x for x in out if x]
 
 
-def speed_section(result) -> list[str]:
-  """The step-time tables' lines (``speed.json``; None: not measured)."""
+def gpu_runs(results: str) -> list[dict]:
+  """experiments/gpu_run.py's results in ``results``/gpu (smoke runs left
+  out), oldest first."""
+  folder = os.path.join(results, "gpu")
+  runs = []
+  if os.path.isdir(folder):
+    for name in sorted(os.listdir(folder)):
+      if name.endswith(".json") and not name.startswith("gpu_eigh_"):
+        with open(os.path.join(folder, name)) as f:
+          run = json.load(f)
+        if "sections" in run and not run.get("smoke"):
+          runs.append(dict(run, file=f"benchmarks/gpu/{name}"))
+  return runs
+
+
+def _case(name: str):
+  """gpu_run's row name as ``(method, eps)`` of speed.json's rows."""
+  method, _, suffix = name.partition("-")
+  if method in ("hosvd", "svd") and suffix:
+    return method, float(suffix)
+  return method, None
+
+
+def _gpu_lines(run, cpu_sections) -> list[str]:
+  e = run["environment"]
+  driver = (e.get("cuda") or {}).get("nvidia_driver")
+  lines = [
+      f"### On {e['device']} ({e['date']})", "",
+      ("**Partial: a section was skipped, failed or has unfinished rows.** "
+       if run.get("partial") else "")
+      + f"jax {e['jax']}, jaxlib {e['jaxlib']}, NVIDIA driver {driver}; "
+      f"command: `{run['command']}`, {run['wall_s']:.0f} s; its page: "
+      f"[{run['file'][:-len('.json')]}.md]({run['file'][:-len('.json')]}"
+      ".md). Ratios to vanilla in the same run; the CPU column is the "
+      "table above's.", ""]
+  titles = {"step": "Whole step", "layers": "The four convolutions"}
+  for name, title in titles.items():
+    sec = run["sections"].get(name)
+    if not sec:
+      continue
+    cpu = {(r["method"], r.get("eps")): r["step_ratio"]
+           for r in (cpu_sections.get(name) or {}).get("rows", [])}
+    lines += [f"{title} ({sec['setting']}"
+              + (f", batch {sec['batch']}" if name == "step" else "") + "):",
+              "", "| method | GPU step ms | GPU step × | CPU step × |",
+              "|---|---|---|---|"]
+    for r in sec["rows"]:
+      label = r.get("name", r["method"])
+      if r.get("step_s") is None:
+        lines.append(f"| {label} | – | – | – |")
+        continue
+      ratio = r["step_ratio"]
+      lines.append(f"| {label} | {1e3 * r['step_s']:.2f} | {ratio:.2f} | "
+                   f"{_f(cpu.get(_case(label)))} |")
+    lines.append("")
+  step = {r["method"]: r for r in run["sections"].get("step", {}).get(
+      "rows", []) if r.get("step_ratio") is not None}
+  if "hosvd-0.9" in step:
+    ratio = step["hosvd-0.9"]["step_ratio"]
+    lines += [f"- HOSVD(0.9)'s whole step took {ratio:.2f}× vanilla's on "
+              f"this GPU ({'within' if ratio <= 1.10 else 'above'} the "
+              f"1.10× goal; the paper's average is {PAPER_SLOWDOWN}×).", ""]
+  return lines
+
+
+def speed_section(result, gpu=()) -> list[str]:
+  """The step-time tables' lines (``speed.json``; None: not measured),
+  then the GPU runs' rows (:func:`gpu_runs`)."""
   lines = ["## Time against vanilla", ""]
   if result is None:
-    return lines + _missing("speed")
+    lines += _missing("speed")
+    for run in gpu:
+      lines += _gpu_lines(run, {})
+    return lines
   lines += [
       f"The paper reports HOSVD training {PAPER_SLOWDOWN}× slower than "
       "vanilla on average. " + _stamp(result), ""]
@@ -514,7 +586,9 @@ def speed_section(result) -> list[str]:
     if "setting" in sec:
       lines += [f"Setting: {sec['setting']}.", ""]
     lines += _speed_table(sec["rows"]) + [""]
-  lines += [f"- {x}" for x in _speed_findings(result, sections)] + [""]
+  lines += [f"- {x}" for x in _speed_findings(result, sections, gpu)] + [""]
+  for run in gpu:
+    lines += _gpu_lines(run, sections)
   return lines
 
 
@@ -575,6 +649,6 @@ def write(results: str, page: str) -> None:
   lines += memory_section(memory)
   lines += accuracy_section(accuracy, results)
   lines += variance_section(variance, accuracy, results)
-  lines += speed_section(speed)
+  lines += speed_section(speed, gpu_runs(results))
   with open(page, "w") as f:
     f.write("\n".join(lines).rstrip() + "\n")

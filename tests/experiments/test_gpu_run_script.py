@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -122,3 +123,31 @@ def test_shell_wrapper_sets_the_allocator_and_runs_from_the_root():
   out = subprocess.run([path, "--help"], capture_output=True, text=True,
                        cwd="/", check=True).stdout
   assert "--budget-s" in out and "--smoke" in out
+
+
+def test_lease_sequence_reruns_on_the_first_pass_cache(tmp_path):
+  """experiments/gpu_lease.sh in smoke mode: the solvers' file, then two
+  gpu_run passes, the second loading the first one's programs."""
+  path = os.path.join(ROOT, "experiments", "gpu_lease.sh")
+  env = dict(os.environ, SMOKE="1", METHODS="vanilla,hosvd-0.9",
+             MAX_BATCH_METHODS="", PYTHON=sys.executable)
+  run = subprocess.run([path, str(tmp_path)], capture_output=True, text=True,
+                       env=env, cwd="/", check=True, timeout=600)
+  assert "pass 2: exit 0" in run.stdout, run.stdout[-3000:]
+  names = sorted(os.listdir(tmp_path))
+  assert [n for n in names if n.startswith("gpu_eigh_")] == [
+      f"gpu_eigh_{jax.devices()[0].device_kind.lower()}_"
+      f"{names[0].split('_')[1]}_smoke.json"]
+  runs = sorted((n for n in names if n.endswith(".json")
+                 and not n.startswith("gpu_eigh_")), key=len)  # -2 second
+  assert len(runs) == 2
+  first, second = (json.load(open(os.path.join(tmp_path, n))) for n in runs)
+  assert first["cache_filled_at_start"] is False
+  assert second["cache_filled_at_start"] is True
+  assert any("filled compilation cache" in n for n in second["notes"])
+  assert set(second["sections"]) == {"step", "peak"}
+  for a, b in zip(first["sections"]["step"]["rows"],
+                  second["sections"]["step"]["rows"], strict=True):
+    assert a["method"] == b["method"] and "error" not in b
+    # The same program: XLA's estimate of it is the same.
+    assert a["xla"] == b["xla"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -29,6 +30,8 @@ def test_the_committed_page_is_rendered_from_the_committed_results(tmp_path):
   for name in os.listdir(results):
     if name.endswith(".json"):
       shutil.copy(os.path.join(results, name), tmp_path)
+  if os.path.isdir(os.path.join(results, "gpu")):   # the GPU runs' rows
+    shutil.copytree(os.path.join(results, "gpu"), tmp_path / "gpu")
   page = str(tmp_path / "benchmarks.md")
   benchmarks_page.write(str(tmp_path), page)
   with open(os.path.join(DOCS, "benchmarks.md")) as f:
@@ -192,8 +195,9 @@ def test_whole_step_share_of_the_trained_layers(layers_vanilla, dominates):
 def test_a_gpu_rerun_is_asked_for_only_after_a_cpu_run(device, rerun):
   text = _text(benchmarks_page.speed_section(_speed(
       {"vanilla": (None, 1.0)}, None, device=device)))
-  assert f"Only {device} was measured." in text
-  assert ("A GPU row needs a rerun" in text) == rerun
+  assert f"Only {device} was measured here." in text
+  assert ("A GPU row needs a run of `experiments/gpu_lease.sh`" in text
+          ) == rerun
   assert "2.7 s" not in text
 
 
@@ -212,3 +216,49 @@ def test_the_ranks_over_steps_caption_names_the_runs_that_kept_ranks(
   assert "through ResNet18's (random) last 1 conv inputs" in text
   assert ("accuracy runs that kept them (vanilla, k = 4, seed 1):"
           in text)
+
+
+def _gpu_run(hosvd_ratio, partial=False):
+  """gpu_run.py's result with a step and a layers section."""
+  def rows(ratio, key):
+    return [{key: "vanilla", "step_s": 0.004, "step_ratio": 1.0},
+            {key: "hosvd-0.9", "step_s": 0.004 * ratio, "step_ratio": ratio},
+            {key: "quant-8", "step_s": 0.005, "step_ratio": 1.25},
+            {key: "asi", "error": "not finished"}]
+  layers = rows(2 * hosvd_ratio, "name")
+  for r in layers:
+    r["method"] = r["name"].split("-")[0]
+  env = {"device": "gpu:NVIDIA H200", "date": "2026-01-02", "jax": "1",
+         "jaxlib": "1", "cuda": {"nvidia_driver": "580"}}
+  return {"environment": env, "command": "experiments/gpu_run.sh",
+          "wall_s": 100.0, "partial": partial, "smoke": False,
+          "sections": {"step": {"setting": "m", "batch": 64,
+                                "rows": rows(hosvd_ratio, "method")},
+                       "layers": {"setting": "l", "rows": layers}}}
+
+
+@pytest.mark.parametrize("ratio,within", [(1.05, True), (8.41, False)])
+def test_gpu_rows_sit_beside_the_cpu_rows(tmp_path, ratio, within):
+  (tmp_path / "gpu").mkdir()
+  with open(tmp_path / "gpu" / "nvidia-h200_2026-01-02.json", "w") as f:
+    json.dump(_gpu_run(ratio), f)
+  smoke = dict(_gpu_run(99.0), smoke=True)   # smoke runs are left out
+  with open(tmp_path / "gpu" / "cpu_2026-01-02_smoke.json", "w") as f:
+    json.dump(smoke, f)
+  runs = benchmarks_page.gpu_runs(str(tmp_path))
+  assert [r["file"] for r in runs] == [
+      "benchmarks/gpu/nvidia-h200_2026-01-02.json"]
+  text = _text(benchmarks_page.speed_section(_speed(
+      {"vanilla": (None, 1.0), "hosvd 0.9": (0.9, 1.12)},
+      {"vanilla": (None, 10.0), "hosvd 0.9": (0.9, 10.3)}), runs))
+  assert "A GPU row needs a run" not in text
+  assert "### On gpu:NVIDIA H200 (2026-01-02)" in text
+  # GPU ratio beside the CPU table's ratio of the same (method, eps).
+  assert f"| hosvd-0.9 | {4 * ratio:.2f} | {ratio:.2f} | 1.03 |" in text
+  assert f"| hosvd-0.9 | {8 * ratio:.2f} | {2 * ratio:.2f} | 1.12 |" in text
+  assert "| quant-8 | 5.00 | 1.25 | – |" in text   # no CPU row
+  assert "| asi | – | – | – |" in text             # unfinished on the GPU
+  side = "within" if within else "above"
+  assert (f"HOSVD(0.9)'s whole step took {ratio:.2f}× vanilla's on this GPU "
+          f"({side} the 1.10× goal") in text
+  assert "**Partial" not in text
