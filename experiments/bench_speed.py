@@ -187,9 +187,10 @@ def bench_step(args) -> dict:
   images = rng.integers(0, 256, shape, dtype=np.uint8)
   labels = rng.integers(0, args.step_classes, (b,), dtype=np.int32)
   setting = (f"MobileNetV2 at {s}x{s}, batch {b}, {args.step_classes} "
-             f"classes, random init, last {k} convs and the classifier "
-             f"trained, SGD; median of {args.repeats} steps after 2 warm-up "
-             "steps")
+             f"classes, random init, "
+             + ("every conv" if str(k) == "all" else f"last {k} convs")
+             + f" and the classifier trained, SGD; median of {args.repeats} "
+             "steps after 2 warm-up steps")
   print(f"== step: a whole fine-tuning train step, {setting}")
   rows, base = [], None
   for method, eps in CASES:
@@ -253,8 +254,9 @@ def main(argv=None) -> dict:
                       help="step: batch size")
   parser.add_argument("--step-size", type=int, default=224,
                       help="step: image size")
-  parser.add_argument("--step-layers", type=int, default=4,
-                      help="step: the last k convolutions are fine-tuned")
+  parser.add_argument("--step-layers", default="4",
+                      help="step: the last k convolutions are fine-tuned "
+                      "('all': every one)")
   parser.add_argument("--step-classes", type=int, default=10,
                       help="step: classifier size")
   parser.add_argument("--repeats", type=int, default=10)

@@ -79,7 +79,7 @@ def median_time(fn, *args, repeats):
   return float(np.median(times))
 
 
-def test_gram(n: int, key) -> jax.Array:
+def activation_gram(n: int, key) -> jax.Array:
   scales = 0.9 ** jnp.arange(n, dtype=jnp.float32)
   a = scales[:, None] * jax.random.normal(key, (n, 4 * n), jnp.float32)
   return jnp.dot(a, a.T, precision=_HI)
@@ -117,7 +117,7 @@ def solvers(args, gpu: bool) -> dict:
     impls["syevj"] = "JACOBI"
   rows = []
   for n in sizes:
-    g = test_gram(n, jax.random.PRNGKey(n))
+    g = activation_gram(n, jax.random.PRNGKey(n))
     row = {"n": n}
     for name, impl in impls.items():
       f = jax.jit(_eigh(impl))

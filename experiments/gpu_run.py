@@ -151,9 +151,9 @@ def parse(argv=None):
   p.add_argument("--cache-dir", default=None,
                  help="a compilation cache kept after the run (default: a "
                  "temporary one per run). A second run on a filled cache "
-                 "loads every program instead of compiling and autotuning "
-                 "it, so its allocator peaks are the steps' own and its "
-                 "compile times are loads")
+                 "loads the programs it holds instead of compiling them, "
+                 "so no compile-time autotuning scratch should enter its "
+                 "allocator peaks, and its compile times are loads")
   p.add_argument("--render", default=None, metavar="JSON",
                  help="only rewrite JSON's Markdown page from it, and exit")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -795,8 +795,10 @@ def main(argv=None) -> dict:
     if filled:
       result["notes"].append(
           "This run started on a filled compilation cache (--cache-dir): its "
-          "processes load programs compiled by an earlier run, so compile_s "
-          "is a load and no autotuning scratch enters the allocator peaks.")
+          "processes load the programs an earlier run compiled into it, so "
+          "compile_s is a load, and the allocator peaks should hold no "
+          "compile-time autotuning scratch (peak_set_by_steps tells whether "
+          "each process's steps set its peak).")
   runners = {"step": lambda: run_step_section(args, deadline, log_dir),
              "layers": lambda: run_layers_section(args),
              "peak": lambda: run_peak_section(args, deadline, log_dir)}

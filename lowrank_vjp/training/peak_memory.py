@@ -273,7 +273,10 @@ def page(result: dict) -> str:
     lines += ["**Partial: the run stopped before every table was measured.**",
               ""]
   gpu = result.get("gpu")
-  lines += (["GPU rows: none — no GPU was available to this run."]
+  lines += (["GPU rows: none — no GPU was available to this run. The "
+             "GPU runs of experiments/gpu_run.py (the allocator's peak in "
+             "fresh processes beside XLA's estimate) are in "
+             "docs/benchmarks/gpu/README.md."]
             if not gpu else ["GPU rows: see the allocator section below."])
   lines.append("")
   for table in result["peaks"]:

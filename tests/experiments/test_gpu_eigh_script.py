@@ -23,7 +23,7 @@ def test_smoke_times_every_solver_at_every_size(script, tmp_path):
 
 def test_subspace_iteration_finds_the_leading_ritz_values(script):
   module = script("gpu_eigh")
-  g = module.test_gram(40, jax.random.PRNGKey(0))
+  g = module.activation_gram(40, jax.random.PRNGKey(0))
   top = module.subspace_top(g, 10, None, iterations=30)
   exact = jax.numpy.linalg.eigvalsh(g)[::-1][:10]
   assert jax.numpy.sort(top)[::-1] == pytest.approx(exact, rel=1e-3)
