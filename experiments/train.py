@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--layers", default=None,
                  help=f"k (fine-tune the last k conv layers, counted as the "
                  f"papers do; a transformer's last k blocks), 'all' "
-                 f"(transformers) or a regex of module paths [{D.layers}]")
+                 f"(every layer) or a regex of module paths [{D.layers}]")
   p.add_argument("--train-bn", action="store_true",
                  help="train the BatchNorms of the fine-tuned layers (batch "
                  "statistics); frozen by default, as in the papers")

@@ -34,7 +34,7 @@ class TrainConfig:
     eps: Explained variance kept (methods that use it).
     method_kwargs: JSON of further settings for the compressed layers.
     layers: ``k`` (fine-tune the last k conv layers, counted as the papers
-      do) or a regex of module paths.
+      do), ``"all"`` (every layer) or a regex of module paths.
     train_bn: Train the BatchNorms of the fine-tuned layers.
     dataset: ``"auto"``, ``"debian_fashion_mnist"``, ``"sklearn_digits"``
       or any tfds dataset prepared in ``data_dir``.

@@ -111,11 +111,12 @@ def build_model(config: TrainConfig, num_classes: int,
 def make_rules(config: TrainConfig, layers: Sequence[lvr.Layer],
                spec: models.ModelSpec,
                settings: Mapping[str, Any]) -> tuple[lvr.Rule, ...]:
-  """The rules of ``config.layers``: the last k conv layers, or a regex.
+  """The rules of ``config.layers``: the last k conv layers, all, or a regex.
 
   Args:
-    config: Reads ``layers`` (``"k"`` or a regex of module paths) and
-      ``train_bn``.
+    config: Reads ``layers`` (``"k"``, ``"all"``: every conv layer,
+      downsampling ones included, as ``peak_memory``'s ``k = "all"``, or a
+      regex of module paths) and ``train_bn``.
     layers: The model's layers, from :func:`lowrank_vjp.rules.discover`.
     spec: The model's spec (excluded layers, head).
     settings: Settings of the compressed layers.
@@ -127,6 +128,10 @@ def make_rules(config: TrainConfig, layers: Sequence[lvr.Layer],
   """
   if spec.blocks is not None:
     return transformer_rules(config, layers, spec, settings)
+  if config.layers.strip() == "all":
+    k = sum(1 for layer in layers if layer.kind == "conv")
+    return lvr.fine_tune_last(layers, k, settings, exclude=None,
+                              head=spec.head, train_bn=config.train_bn)
   if re.fullmatch(r"\d+", config.layers.strip()):
     return lvr.fine_tune_last(layers, int(config.layers), settings,
                               exclude=spec.exclude, head=spec.head,

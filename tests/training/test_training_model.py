@@ -102,3 +102,20 @@ def test_scanned_transformer_trains_whole():
     training.make_rules(config.replace(layers="2"), layers, spec, {})
   with pytest.raises(ValueError, match="no transformer blocks to scan"):
     training.build_model(training.TrainConfig(scan=True, weights="none"), 10)
+
+
+def test_cnn_rules_all_trains_every_conv():
+  """'all' on a CNN: every conv, downsampling ones included, compressed
+  (peak_memory's k = "all"); '4' keeps the papers' count."""
+  config = training.TrainConfig(model="mobilenet_v2", weights="none",
+                                image_size=32, layers="all")
+  model, variables, spec, _ = training.build_model(config, 10)
+  layers = lvr.discover(model, model_lib.input_spec(config, 2),
+                        variables=variables, train=True)
+  convs = {l.path for l in layers if l.kind == "conv"}
+  plan = lvr.make_plan(layers, training.make_rules(
+      config, layers, spec, {"method": "hosvd", "eps": 0.9}))
+  assert set(dict(plan.compressed)) == convs and len(convs) == 52
+  last4 = lvr.make_plan(layers, training.make_rules(
+      config.replace(layers="4"), layers, spec, {"method": "hosvd"}))
+  assert len(last4.compressed) == 4
