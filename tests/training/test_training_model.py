@@ -112,7 +112,7 @@ def test_cnn_rules_all_trains_every_conv():
   model, variables, spec, _ = training.build_model(config, 10)
   layers = lvr.discover(model, model_lib.input_spec(config, 2),
                         variables=variables, train=True)
-  convs = {l.path for l in layers if l.kind == "conv"}
+  convs = {layer.path for layer in layers if layer.kind == "conv"}
   plan = lvr.make_plan(layers, training.make_rules(
       config, layers, spec, {"method": "hosvd", "eps": 0.9}))
   assert set(dict(plan.compressed)) == convs and len(convs) == 52
