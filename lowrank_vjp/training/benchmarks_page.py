@@ -514,11 +514,15 @@ def gpu_runs(results: str) -> list[dict]:
 
 
 def _case(name: str):
-  """gpu_run's row name as ``(method, eps)`` of speed.json's rows."""
+  """gpu_run's row name as ``(method, eps)`` of speed.json's rows: a
+  suffix in (0, 1] is an ε (``hosvd-0.9``), any other (``quant-8``'s bits)
+  is not."""
   method, _, suffix = name.partition("-")
-  if method in ("hosvd", "svd") and suffix:
-    return method, float(suffix)
-  return method, None
+  try:
+    value = float(suffix)
+  except ValueError:
+    return method, None
+  return method, (value if 0 < value <= 1 else None)
 
 
 def _gpu_lines(run, cpu_sections) -> list[str]:
