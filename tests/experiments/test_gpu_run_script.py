@@ -151,3 +151,16 @@ def test_lease_sequence_reruns_on_the_first_pass_cache(tmp_path):
     assert a["method"] == b["method"] and "error" not in b
     # The same program: XLA's estimate of it is the same.
     assert a["xla"] == b["xla"]
+
+
+def test_peak_section_leaves_out_hosvd_08_unless_asked(script):
+  parse = script("gpu_run").parse
+  args = parse([])
+  assert "hosvd-0.8" in args.names and "hosvd-0.8" not in args.peak_names
+  assert args.peak_names[0] == "vanilla"
+  assert "hosvd-0.8" not in args.max_batch_names
+  args = parse(["--peak-methods", "hosvd-0.8,asi"])
+  assert args.peak_names == ["vanilla", "hosvd-0.8", "asi"]
+  assert args.max_batch_names == ["vanilla", "asi"]
+  with pytest.raises(SystemExit):       # searched in the peak section only
+    parse(["--peak-methods", "asi", "--max-batch-methods", "svd-0.9"])
