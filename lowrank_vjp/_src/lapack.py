@@ -131,6 +131,11 @@ def set_gpu_eigh(implementation: str | None) -> None:
 
   Raises:
     ValueError: for any other value.
+
+  Example:
+    >>> import lowrank_vjp as lv
+    >>> lv.set_gpu_eigh("jacobi")   # cuSOLVER's syevj in programs traced now
+    >>> lv.set_gpu_eigh(None)       # jaxlib's choice by size again
   """
   _gpu_eigh["name"] = _check_gpu_eigh(implementation, "implementation")
   _gpu_eigh["chosen"] = True
